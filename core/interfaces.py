@@ -1,0 +1,96 @@
+"""The contracts between the kernel and plugins, as `typing.Protocol`s.
+
+Latents are always spatial tensors `(B, C, H/f, W/f)` in float32 between steps; components cast internally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class TextConditioning:
+    """Encoded prompts: `embeds` (B, L, D) and `mask` (B, L) bool, True on real tokens.
+
+    `extras` carries family-specific conditioning (e.g. EliGen entity segments) untouched by the kernel.
+    """
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    extras: dict[str, Any] | None = None
+
+    def select(self, index: int) -> TextConditioning:
+        """Return the conditioning of one batch item, trimmed to its own length."""
+        length = int(self.mask[index].sum())
+        return TextConditioning(self.embeds[index : index + 1, :length], self.mask[index : index + 1, :length], self.extras)
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Turns prompts into conditioning for the denoiser."""
+
+    def encode(self, prompts: Sequence[str], max_length: int | None = None) -> TextConditioning:
+        """Encode a batch of prompts; padded positions are False in the mask."""
+        ...
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """Predicts the flow-matching velocity for spatial latents at noise level sigma."""
+
+    patch_size: int
+
+    def __call__(self, latents: torch.Tensor, sigma: torch.Tensor, text: TextConditioning) -> torch.Tensor:
+        """Return the velocity, same shape as `latents`."""
+        ...
+
+
+@runtime_checkable
+class VAE(Protocol):
+    """Maps images in [-1, 1] (B, 3, H, W) to normalized latents and back."""
+
+    latent_channels: int
+    spatial_factor: int
+
+    def encode(self, images: torch.Tensor, tiled: bool = False, tile_size: int = 128, tile_stride: int = 64) -> torch.Tensor:
+        """Return normalized latents (B, C, H/f, W/f)."""
+        ...
+
+    def decode(self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 128, tile_stride: int = 64) -> torch.Tensor:
+        """Return images in [-1, 1] (B, 3, H, W)."""
+        ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A noise schedule plus an update rule."""
+
+    def sigmas(self, num_steps: int, image_seq_len: int) -> torch.Tensor:
+        """Return `num_steps + 1` float32 sigmas from high to low, the last one 0."""
+        ...
+
+    def step(self, latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+        """Advance `latents` from `sigma` to `sigma_next` (float32)."""
+        ...
+
+
+@runtime_checkable
+class MemoryStrategy(Protocol):
+    """A removable transformation of where and how a pipeline's weights live."""
+
+    name: str
+
+    def apply(self, pipeline: Any) -> None:
+        """Install hooks / move weights; must be undoable by `remove`."""
+        ...
+
+    def remove(self, pipeline: Any) -> None:
+        """Restore the pipeline to how it was before `apply`."""
+        ...
+
+
+ProgressBar = Callable[[Any], Any]
