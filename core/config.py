@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from imagezoo.errors import InputError
+
+if TYPE_CHECKING:  # torch is heavy; the plugin manager and CLI listing must stay quick to import
+    import torch
 
 MODELS_DIR_ENV = "IMAGEZOO_MODELS_DIR"
 DEFAULT_MODELS_DIR = "./models"
@@ -50,7 +52,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.path is None and self.model_id is None:
-            raise InputError("ModelConfig needs either path=... or model_id=... (with origin_file_pattern); got neither.")
+            raise InputError(
+                "ModelConfig needs either path=... or model_id=... (with origin_file_pattern); got neither."
+            )
         if self.path is not None and self.model_id is not None:
             raise InputError(
                 f"ModelConfig got both path={self.path!r} and model_id={self.model_id!r}; give only one of them."

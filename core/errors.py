@@ -18,11 +18,15 @@ class ConfigError(ImagezooError, ValueError):
     """A registry entry, run config or plugin declaration is invalid."""
 
 
-class ModelNotFoundError(ImagezooError, KeyError):
-    """A model ID is not in the registry."""
+class UnknownNameError(ImagezooError, KeyError):
+    """A name (sampler, memory strategy, family, ...) is not registered."""
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ModelNotFoundError(UnknownNameError):
+    """A model ID is not in the registry."""
 
 
 class PluginError(ImagezooError):

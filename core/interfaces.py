@@ -26,7 +26,9 @@ class TextConditioning:
     def select(self, index: int) -> TextConditioning:
         """Return the conditioning of one batch item, trimmed to its own length."""
         length = int(self.mask[index].sum())
-        return TextConditioning(self.embeds[index : index + 1, :length], self.mask[index : index + 1, :length], self.extras)
+        return TextConditioning(
+            self.embeds[index : index + 1, :length], self.mask[index : index + 1, :length], self.extras
+        )
 
 
 @runtime_checkable
@@ -56,11 +58,15 @@ class VAE(Protocol):
     latent_channels: int
     spatial_factor: int
 
-    def encode(self, images: torch.Tensor, tiled: bool = False, tile_size: int = 128, tile_stride: int = 64) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, tiled: bool = False, tile_size: int = 128, tile_stride: int = 64
+    ) -> torch.Tensor:
         """Return normalized latents (B, C, H/f, W/f)."""
         ...
 
-    def decode(self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 128, tile_stride: int = 64) -> torch.Tensor:
+    def decode(
+        self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 128, tile_stride: int = 64
+    ) -> torch.Tensor:
         """Return images in [-1, 1] (B, 3, H, W)."""
         ...
 
@@ -69,8 +75,8 @@ class VAE(Protocol):
 class Sampler(Protocol):
     """A noise schedule plus an update rule."""
 
-    def sigmas(self, num_steps: int, image_seq_len: int) -> torch.Tensor:
-        """Return `num_steps + 1` float32 sigmas from high to low, the last one 0."""
+    def sigmas(self, num_steps: int, image_seq_len: int, strength: float = 1.0) -> torch.Tensor:
+        """Return the float32 sigmas to run, high to low, the last one 0 (`num_steps + 1` of them at strength 1)."""
         ...
 
     def step(self, latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -94,3 +100,34 @@ class MemoryStrategy(Protocol):
 
 
 ProgressBar = Callable[[Any], Any]
+
+
+@dataclass
+class Components:
+    """What a model family builds: the three parts the kernel's loop needs, plus the raw modules by name.
+
+    `modules` maps component names ("dit", "text_encoder", "vae") to their `torch.nn.Module`s, for memory
+    strategies, LoRA and training. `offload` holds each component's `(offload_device, offload_dtype)` request.
+    """
+
+    text_encoder: TextEncoder
+    denoiser: Denoiser
+    vae: VAE
+    modules: dict[str, torch.nn.Module]
+    offload: dict[str, tuple[Any, Any]] | None = None
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    """Builds a pipeline's components from checkpoint files; registered with `register_components`."""
+
+    component_names: tuple[str, ...]
+    default_model_id: str
+
+    def detect_component(self, keys: Sequence[str]) -> str | None:
+        """Which component a checkpoint with these tensor names is, or None if it is none of this family's."""
+        ...
+
+    def build(self, files: dict[str, list[Any]], *, dtype: torch.dtype, device: torch.device | str) -> Components:
+        """Build every component from `files` (component name -> files; the tokenizer gets its folder)."""
+        ...

@@ -1,0 +1,77 @@
+"""Builds Qwen-Image pipelines: detects which checkpoint is which component and assembles them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagezoo.interfaces import Components, TextConditioning
+from imagezoo.plugins.qwen_image.dit import QwenImageDiT, build_dit, is_dit_checkpoint
+from imagezoo.plugins.qwen_image.text_encoder import build_text_encoder, is_text_encoder_checkpoint
+from imagezoo.plugins.qwen_image.tokenizer import load_tokenizer
+from imagezoo.plugins.qwen_image.vae import build_vae, is_vae_checkpoint
+from imagezoo.weights import find_config_json, load_safetensors
+
+logger = logging.getLogger(__name__)
+
+FAMILY_NAME = "qwen_image"
+COMPONENT_NAMES = ("dit", "text_encoder", "vae", "tokenizer")
+
+
+class QwenDenoiser:
+    """Adapts the DiT module to the kernel's `Denoiser` protocol (spatial latents + `TextConditioning`)."""
+
+    def __init__(self, dit: QwenImageDiT) -> None:
+        self.dit = dit
+        self.patch_size = dit.patch_size
+
+    def __call__(self, latents: torch.Tensor, sigma: torch.Tensor, text: TextConditioning) -> torch.Tensor:
+        extras = text.extras or {}
+        mask = None if bool(text.mask.all()) else text.mask
+        return self.dit(
+            latents,
+            sigma,
+            text.embeds.to(latents.dtype),
+            mask,
+            text_positions=extras.get("text_positions"),
+            attention_mask=extras.get("attention_mask"),
+        )
+
+
+class QwenImageFamily:
+    """The `qwen_image` model family: MMDiT + Qwen2.5-VL text encoder + causal 3D-conv VAE."""
+
+    component_names = COMPONENT_NAMES
+    default_model_id = "Qwen/Qwen-Image"
+
+    def detect_component(self, keys: Sequence[str]) -> str | None:
+        """Which component a checkpoint is, from its tensor names."""
+        for name, check in (
+            ("dit", is_dit_checkpoint),
+            ("vae", is_vae_checkpoint),
+            ("text_encoder", is_text_encoder_checkpoint),
+        ):
+            if check(keys):
+                return name
+        return None
+
+    def build(self, files: dict[str, list[Any]], *, dtype: torch.dtype, device: torch.device | str) -> Components:
+        """Load every component's weights onto `device` in `dtype`, one component at a time."""
+        tokenizer = load_tokenizer(Path(files["tokenizer"][0]))
+        dit = build_dit(load_safetensors(files["dit"]), find_config_json(files["dit"]), dtype=dtype, device=device)
+        text_encoder = build_text_encoder(
+            load_safetensors(files["text_encoder"]),
+            find_config_json(files["text_encoder"]),
+            tokenizer,
+            dtype=dtype,
+            device=device,
+        )
+        vae = build_vae(load_safetensors(files["vae"]), find_config_json(files["vae"]), dtype=dtype, device=device)
+        modules = {"dit": dit, "text_encoder": text_encoder.model, "vae": vae}
+        for module in modules.values():
+            module.eval().requires_grad_(False)
+        return Components(text_encoder=text_encoder, denoiser=QwenDenoiser(dit), vae=vae, modules=modules)
