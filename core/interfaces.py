@@ -131,3 +131,10 @@ class ModelFamily(Protocol):
     def build(self, files: dict[str, list[Any]], *, dtype: torch.dtype, device: torch.device | str) -> Components:
         """Build every component from `files` (component name -> files; the tokenizer gets its folder)."""
         ...
+
+    def describe_checkpoint(
+        self, component: str, shapes: dict[str, tuple[int, ...]], config: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Key format, inferred architecture, and `missing_keys` / `unexpected_keys` / `shape_mismatches` lists,
+        plus `matches_architecture`, for a checkpoint of `component` (headers only)."""
+        ...
