@@ -1,0 +1,674 @@
+"""Qwen-Image diffusion transformer (MMDiT): 60 dual-stream blocks over joint [text, image] attention.
+
+Submodule names equal the diffusers `QwenImageTransformer2DModel` state-dict keys, so the published checkpoint
+assigns with no renaming. The model takes spatial latents and sigma in [0, 1]; packing, the 1000x timestep scale and
+RoPE positions are internal. See REFERENCE.md ("DiT forward") for the maths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from imagezoo.errors import ConfigError, InputError, WeightsError
+from imagezoo.state_dict import assign_state_dict
+
+_CLASS_NAME = "QwenImageTransformer2DModel"
+_REAL_AXES = (16, 56, 56)
+_REAL_HEAD_DIM = 128
+_FP16_MAX = 65504.0
+_TIME_CHANNELS = 256
+_ROPE_CACHE_SIZE = 32
+# diffusers config switches that change the architecture (Edit-2511 / Layered variants); we don't implement them.
+_UNSUPPORTED_FLAGS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+
+
+@dataclass(frozen=True)
+class DiTParams:
+    """Sizes of a Qwen-Image DiT. Defaults are the published 20B model."""
+
+    num_layers: int = 60
+    num_heads: int = 24
+    head_dim: int = 128
+    in_channels: int = 64
+    out_channels: int = 16
+    patch_size: int = 2
+    text_dim: int = 3584
+    axes_dims: tuple[int, int, int] = _REAL_AXES
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        ints = ("num_layers", "num_heads", "head_dim", "in_channels", "out_channels", "patch_size", "text_dim")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"DiTParams.{name} must be a positive int, got {value!r}.")
+        axes = tuple(self.axes_dims)
+        if len(axes) != 3 or any(not isinstance(a, int) or a <= 0 or a % 2 for a in axes):
+            raise ConfigError(f"DiTParams.axes_dims must be 3 positive even ints (frame, row, col), got {axes!r}.")
+        if sum(axes) != self.head_dim:
+            raise ConfigError(f"DiTParams.axes_dims {axes} must sum to head_dim={self.head_dim}.")
+        if self.head_dim % 2:
+            raise ConfigError(f"DiTParams.head_dim must be even for RoPE pairs, got {self.head_dim}.")
+        if self.in_channels % (self.patch_size**2):
+            raise ConfigError(
+                f"DiTParams.in_channels={self.in_channels} must be latent channels x patch_size^2 "
+                f"(patch_size={self.patch_size})."
+            )
+        object.__setattr__(self, "axes_dims", axes)  # a list from a JSON config would break hashing/equality
+
+    @property
+    def width(self) -> int:
+        """Hidden size of both streams (heads x head_dim)."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the spatial latents the model takes (in_channels / patch_size^2)."""
+        return self.in_channels // self.patch_size**2
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DiTParams:
+        """Read a diffusers `transformer/config.json` dict; unknown keys are ignored.
+
+        Raises:
+            ConfigError: The config enables an architecture variant this model does not implement.
+        """
+        for flag in _UNSUPPORTED_FLAGS:
+            if config.get(flag):
+                raise ConfigError(
+                    f"Qwen-Image DiT config has {flag}={config[flag]!r}; only the base architecture ({flag} false) "
+                    "is supported. Use the base Qwen-Image transformer config."
+                )
+        d = cls()
+        in_channels = int(config.get("in_channels", d.in_channels))
+        # diffusers treats a missing/None out_channels as "same as in_channels".
+        out_channels = config.get("out_channels", d.out_channels) or in_channels
+        return cls(
+            num_layers=int(config.get("num_layers", d.num_layers)),
+            num_heads=int(config.get("num_attention_heads", d.num_heads)),
+            head_dim=int(config.get("attention_head_dim", d.head_dim)),
+            in_channels=in_channels,
+            out_channels=int(out_channels),
+            patch_size=int(config.get("patch_size", d.patch_size)),
+            text_dim=int(config.get("joint_attention_dim", d.text_dim)),
+            axes_dims=tuple(int(a) for a in config.get("axes_dims_rope", d.axes_dims)),
+            rope_theta=float(config.get("rope_theta", d.rope_theta)),
+            eps=float(config.get("eps", d.eps)),
+        )
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> DiTParams:
+        """Infer sizes from a checkpoint's tensor shapes (patch size is assumed to be 2: shapes can't tell).
+
+        Raises:
+            WeightsError: A tensor needed to infer a size is absent or inconsistent.
+            ConfigError: The RoPE axes can't be derived from head_dim; a config.json is needed.
+        """
+
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in shapes:
+                raise WeightsError(
+                    f"Cannot infer Qwen-Image DiT sizes: checkpoint has no {key!r}. "
+                    "Check that these files are a Qwen-Image transformer, or pass its config.json."
+                )
+            return tuple(shapes[key])
+
+        width, in_channels = shape("img_in.weight")
+        text_dim = shape("txt_in.weight")[1]
+        head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
+        if width % head_dim:
+            raise WeightsError(f"Qwen-Image DiT: width {width} is not a multiple of the norm_q size {head_dim}.")
+        block_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
+        patch_size = cls.patch_size
+        out_rows = shape("proj_out.weight")[0]
+        if out_rows % patch_size**2:
+            raise WeightsError(f"Qwen-Image DiT: proj_out has {out_rows} rows, not a multiple of {patch_size**2}.")
+        # The published model ties RoPE axes to head_dim as 16:56:56; only a whole, even split is trustworthy.
+        scaled = [a * head_dim for a in _REAL_AXES]
+        if any(s % _REAL_HEAD_DIM or (s // _REAL_HEAD_DIM) % 2 for s in scaled):
+            raise ConfigError(
+                f"Cannot infer RoPE axes for head_dim={head_dim} from tensor shapes ((16, 56, 56) x head_dim/128 is "
+                "not a whole, even split); a config.json with axes_dims_rope is needed for this checkpoint."
+            )
+        return cls(
+            num_layers=max(block_ids) + 1 if block_ids else 0,
+            num_heads=width // head_dim,
+            head_dim=head_dim,
+            in_channels=in_channels,
+            out_channels=out_rows // patch_size**2,
+            patch_size=patch_size,
+            text_dim=text_dim,
+            axes_dims=tuple(s // _REAL_HEAD_DIM for s in scaled),
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """diffusers-style config.json content; round-trips through `from_config`.
+
+        diffusers hardcodes theta 10000 and eps 1e-6, so those are written only when they differ (diffusers then
+        ignores them with a warning, and its model would not match).
+        """
+        config: dict[str, Any] = {
+            "_class_name": _CLASS_NAME,
+            "patch_size": self.patch_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "num_layers": self.num_layers,
+            "attention_head_dim": self.head_dim,
+            "num_attention_heads": self.num_heads,
+            "joint_attention_dim": self.text_dim,
+            "guidance_embeds": False,
+            "axes_dims_rope": list(self.axes_dims),
+        }
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in ("rope_theta", "eps"):
+            if getattr(self, name) != defaults[name]:
+                config[name] = getattr(self, name)
+        return config
+
+
+REAL_DIT = DiTParams()
+TINY_DIT = DiTParams(num_layers=2, num_heads=2, head_dim=16, text_dim=32, axes_dims=(4, 6, 6))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layout helpers
+
+
+def pack_latents(latents: Tensor, patch_size: int = 2) -> Tensor:
+    """(B, C, H, W) -> (B, (H/p)(W/p), C*p*p) tokens; token channel index is c*p*p + dy*p + dx."""
+    if latents.ndim != 4:
+        raise InputError(f"pack_latents expects (B, C, H, W) latents, got shape {tuple(latents.shape)}.")
+    b, c, height, width = latents.shape
+    p = patch_size
+    if height % p or width % p:
+        raise InputError(f"Latent size {height}x{width} must be divisible by the patch size {p}.")
+    x = latents.view(b, c, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (height // p) * (width // p), c * p * p)
+
+
+def unpack_latents(tokens: Tensor, height: int, width: int, patch_size: int = 2) -> Tensor:
+    """Inverse of `pack_latents`; `height`/`width` are latent-pixel sizes."""
+    p = patch_size
+    if tokens.ndim != 3 or height % p or width % p or tokens.shape[1] != (height // p) * (width // p):
+        raise InputError(
+            f"unpack_latents: tokens {tuple(tokens.shape)} don't fit a {height}x{width} latent with patch size {p}."
+        )
+    b, _, ch = tokens.shape
+    if ch % (p * p):
+        raise InputError(f"unpack_latents: token width {ch} is not a multiple of patch_size^2 = {p * p}.")
+    x = tokens.view(b, height // p, width // p, ch // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, ch // (p * p), height, width)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Maths
+
+
+def _timestep_sinusoid(sigma: Tensor) -> Tensor:
+    """256-dim cos-first sinusoid of 1000*sigma, in float32.
+
+    Kept in float32 whatever the compute dtype: rounding sigma to bf16 moves 1000*sigma by up to ~2.
+    The operation order (sigma*freq, then *1000) follows diffusers so float32 results agree to the ulp.
+    """
+    half = _TIME_CHANNELS // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half
+    angles = sigma.float()[:, None] * torch.exp(exponent)[None, :] * 1000.0
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def _rope_angles(positions: Tensor, dim: int, theta: float) -> Tensor:
+    """(N,) positions -> (N, dim/2) float32 rotation angles pos * theta^(-2k/dim)."""
+    inv_freq = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+    return positions.float()[:, None] * inv_freq[None, :]
+
+
+def _rope_freqs(frame: Tensor, row: Tensor, col: Tensor, axes: tuple[int, int, int], theta: float) -> Tensor:
+    """Complex64 (N, head_dim/2) rotations for tokens at (frame, row, col) positions."""
+    angles = torch.cat([_rope_angles(p, d, theta) for p, d in zip((frame, row, col), axes, strict=True)], dim=-1)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def _apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs of (B, N, H, D) `x` by complex (N, D/2) `freqs`, in float32."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(3).to(x.dtype)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # F.rms_norm is one fused kernel with fp32 accumulation; the weight takes the input's dtype so norms kept in
+    # fp32 by a memory strategy don't promote the activations.
+    return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps)
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """LayerNorm without affine, then x*(1+scale)+shift; `shift`/`scale` are (B, 1, D)."""
+    if x.shape[0] == 1:
+        # One sample: the modulation is a plain affine LayerNorm, one fused kernel instead of two passes.
+        return F.layer_norm(x, x.shape[-1:], (1 + scale).reshape(-1), shift.reshape(-1), eps)
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Modules (attribute names are the checkpoint's key names)
+
+
+class _RMSNorm(nn.Module):
+    """RMSNorm with a learned scale; `weight` is the only tensor, as in the checkpoint."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _rms_norm(x, self.weight, self.eps)
+
+
+class _TimestepEmbedder(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(_TIME_CHANNELS, width)
+        self.linear_2 = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class _TimeTextEmbed(nn.Module):
+    """Container kept only so keys read `time_text_embed.timestep_embedder.*`."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.timestep_embedder = _TimestepEmbedder(width)
+
+
+class _OutNorm(nn.Module):
+    """Final adaptive LayerNorm; its linear emits (scale, shift) — scale first, unlike the blocks."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(width, 2 * width)
+
+    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
+        scale, shift = self.linear(temb_act)[:, None, :].chunk(2, dim=-1)
+        return _modulate(x, shift, scale, self.eps)
+
+
+class _GeluProj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class _MLP(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        # Index 1 is a parameterless slot (dropout upstream) so the output layer keeps the key `net.2`.
+        self.net = nn.Sequential(_GeluProj(width, 4 * width), nn.Identity(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _modulation(width: int) -> nn.Sequential:
+    # Keys are `*_mod.1.*`; the SiLU at index 0 is applied once per forward in QwenImageDiT, not per block.
+    return nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+
+class _JointAttention(nn.Module):
+    """Joint attention over [text, image]: per-stream q/k/v and outputs, one SDPA call."""
+
+    def __init__(self, params: DiTParams) -> None:
+        super().__init__()
+        width, head_dim, eps = params.width, params.head_dim, params.eps
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(width, width)
+        self.to_k = nn.Linear(width, width)
+        self.to_v = nn.Linear(width, width)
+        self.add_q_proj = nn.Linear(width, width)
+        self.add_k_proj = nn.Linear(width, width)
+        self.add_v_proj = nn.Linear(width, width)
+        self.norm_q = _RMSNorm(head_dim, eps)
+        self.norm_k = _RMSNorm(head_dim, eps)
+        self.norm_added_q = _RMSNorm(head_dim, eps)
+        self.norm_added_k = _RMSNorm(head_dim, eps)
+        self.to_out = nn.ModuleList([nn.Linear(width, width)])
+        self.to_add_out = nn.Linear(width, width)
+
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        img_freqs: Tensor,
+        txt_freqs: Tensor,
+        mask: Tensor | None,
+        text_out: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        b, _, width = img.shape
+        n_txt = txt.shape[1]
+        heads = (b, -1, width // self.head_dim, self.head_dim)
+
+        def qk(x: Tensor, proj: nn.Linear, norm: _RMSNorm, freqs: Tensor) -> Tensor:
+            return _apply_rope(norm(proj(x).view(heads)), freqs)
+
+        img_q = qk(img, self.to_q, self.norm_q, img_freqs)
+        if text_out:
+            q = torch.cat([qk(txt, self.add_q_proj, self.norm_added_q, txt_freqs), img_q], 1)
+        else:
+            # Text queries only feed the text output: without it, image queries attend to all keys on their own.
+            q = img_q
+            if mask is not None and mask.shape[2] > 1:
+                mask = mask[:, :, n_txt:]
+        k = torch.cat(
+            [qk(txt, self.add_k_proj, self.norm_added_k, txt_freqs), qk(img, self.to_k, self.norm_k, img_freqs)], 1
+        )
+        v = torch.cat([self.add_v_proj(txt).view(heads), self.to_v(img).view(heads)], 1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, q.shape[1], width)
+        if not text_out:
+            return self.to_out[0](out), None
+        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+
+
+class QwenImageBlock(nn.Module):
+    """One dual-stream block: separate modulation/MLP weights per stream, shared joint attention."""
+
+    def __init__(self, params: DiTParams) -> None:
+        super().__init__()
+        width = params.width
+        self.eps = params.eps
+        self.img_mod = _modulation(width)
+        self.txt_mod = _modulation(width)
+        self.attn = _JointAttention(params)
+        self.img_mlp = _MLP(width)
+        self.txt_mlp = _MLP(width)
+
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        temb_act: Tensor,
+        img_freqs: Tensor,
+        txt_freqs: Tensor,
+        mask: Tensor | None = None,
+        text_out: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Advance both streams; with `text_out=False` the text stream is returned unchanged (last block).
+
+        Args:
+            img: (B, S, width) image tokens.
+            txt: (B, L, width) text tokens.
+            temb_act: (B, width) SiLU of the timestep embedding.
+            img_freqs: (S, head_dim/2) complex RoPE rotations of the image tokens.
+            txt_freqs: (L, head_dim/2) complex RoPE rotations of the text tokens.
+            mask: SDPA boolean mask over the joint [text, image] sequence, or None.
+            text_out: Whether the text stream's output is needed (skips text queries, output projection and MLP).
+        """
+        eps = self.eps
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod[1](temb_act)[:, None].chunk(6, -1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod[1](temb_act)[:, None].chunk(6, -1)
+
+        img_attn, txt_attn = self.attn(
+            _modulate(img, i_shift1, i_scale1, eps),
+            _modulate(txt, t_shift1, t_scale1, eps),
+            img_freqs,
+            txt_freqs,
+            mask,
+            text_out,
+        )
+        img = torch.addcmul(img, i_gate1, img_attn)
+        img = torch.addcmul(img, i_gate2, self.img_mlp(_modulate(img, i_shift2, i_scale2, eps)))
+        if txt_attn is not None:
+            txt = torch.addcmul(txt, t_gate1, txt_attn)
+            txt = torch.addcmul(txt, t_gate2, self.txt_mlp(_modulate(txt, t_shift2, t_scale2, eps)))
+        if img.dtype == torch.float16:  # residual stream can exceed fp16 range on real weights
+            img = img.clip(-_FP16_MAX, _FP16_MAX)
+            if txt_attn is not None:
+                txt = txt.clip(-_FP16_MAX, _FP16_MAX)
+        return img, txt
+
+
+class QwenImageDiT(nn.Module):
+    """The Qwen-Image transformer: spatial latents + sigma + text embeddings -> spatial velocity.
+
+    `compute_dtype` (default None = the dtype of `img_in.weight`) lets memory strategies that store weights in a
+    storage-only dtype (e.g. fp8) say which dtype activations should use.
+    """
+
+    def __init__(self, params: DiTParams) -> None:
+        super().__init__()
+        self.params = params
+        self.patch_size = params.patch_size
+        self.compute_dtype: torch.dtype | None = None
+        width = params.width
+        self.time_text_embed = _TimeTextEmbed(width)
+        self.txt_norm = _RMSNorm(params.text_dim, params.eps)
+        self.img_in = nn.Linear(params.in_channels, width)
+        self.txt_in = nn.Linear(params.text_dim, width)
+        self.transformer_blocks = nn.ModuleList([QwenImageBlock(params) for _ in range(params.num_layers)])
+        self.norm_out = _OutNorm(width, params.eps)
+        self.proj_out = nn.Linear(width, params.patch_size**2 * params.out_channels)
+        self._checkpointing = False
+        self._offload_checkpoints = False
+        # Plain dict, not buffers: a meta-built module must run after state-dict assignment with nothing to re-init.
+        self._rope_cache: dict[tuple[Any, ...], Tensor] = {}
+
+    def enable_gradient_checkpointing(self, offload_to_cpu: bool = False) -> None:
+        """Recompute each block in backward; with `offload_to_cpu` the saved block inputs live in CPU memory."""
+        self._checkpointing = True
+        self._offload_checkpoints = offload_to_cpu
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Store all activations again (the default)."""
+        self._checkpointing = False
+        self._offload_checkpoints = False
+
+    def _dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.img_in.weight.dtype
+
+    def _cached(self, key: tuple[Any, ...], make: Any) -> Tensor:
+        value = self._rope_cache.get(key)
+        if value is None:
+            if len(self._rope_cache) >= _ROPE_CACHE_SIZE:  # many resolutions: don't grow without bound
+                self._rope_cache.clear()
+            # Cached tensors made under inference_mode could never be saved for backward by a later training step.
+            with torch.inference_mode(False):
+                value = self._rope_cache[key] = make()
+        return value
+
+    def _image_freqs(self, h: int, w: int, device: torch.device) -> Tensor:
+        def make() -> Tensor:
+            # Generated image is frame 0; rows/cols are centered: -(n - n//2) .. n//2 - 1.
+            rows = torch.arange(h, device=device) - (h - h // 2)
+            cols = torch.arange(w, device=device) - (w - w // 2)
+            grid_r, grid_c = torch.meshgrid(rows, cols, indexing="ij")
+            grid_r, grid_c = grid_r.reshape(-1), grid_c.reshape(-1)
+            p = self.params
+            return _rope_freqs(torch.zeros_like(grid_r), grid_r, grid_c, p.axes_dims, p.rope_theta)
+
+        return self._cached(("img", device, h, w), make)
+
+    def _text_freqs(self, positions: Tensor) -> Tensor:
+        p = self.params
+        return _rope_freqs(positions, positions, positions, p.axes_dims, p.rope_theta)
+
+    def _default_text_freqs(self, start: int, length: int, device: torch.device) -> Tensor:
+        return self._cached(
+            ("txt", device, start, length), lambda: self._text_freqs(torch.arange(start, start + length, device=device))
+        )
+
+    def forward(
+        self,
+        latents: Tensor,
+        sigma: Tensor,
+        text: Tensor,
+        text_mask: Tensor | None = None,
+        *,
+        text_positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Predict the flow-matching velocity.
+
+        Args:
+            latents: (B, C, H, W) spatial latents, any float dtype.
+            sigma: (B,) noise levels in [0, 1] (a scalar or 1-element tensor is broadcast).
+            text: (B, L, text_dim) text-encoder hidden states.
+            text_mask: (B, L) bool, True = real token; None means all real. Padding is masked out as keys.
+            text_positions: (L,) integer RoPE positions of the text tokens, overriding max(h//2, w//2) + j.
+            attention_mask: (B or 1, 1 or heads, L+S, L+S) bool mask (True = attend) over [text, image] tokens,
+                overriding the one built from `text_mask`.
+
+        Returns:
+            (B, out_channels, H, W) velocity in the compute dtype.
+        """
+        p = self.params
+        dtype = self._dtype()
+        if latents.ndim != 4 or latents.shape[1] != p.latent_channels:
+            raise InputError(f"latents must be (B, {p.latent_channels}, H, W), got shape {tuple(latents.shape)}.")
+        b, _, height, width = latents.shape
+        ps = self.patch_size
+        if height % ps or width % ps:
+            raise InputError(f"Latent size {height}x{width} must be divisible by the patch size {ps}.")
+        h, w = height // ps, width // ps
+        if text.ndim != 3 or text.shape[0] != b or text.shape[2] != p.text_dim:
+            raise InputError(f"text must be ({b}, L, {p.text_dim}), got shape {tuple(text.shape)}.")
+        n_txt, n_img = text.shape[1], h * w
+        sigma = torch.as_tensor(sigma, device=latents.device)
+        if sigma.numel() == 1:
+            sigma = sigma.reshape(1).expand(b)
+        elif sigma.shape != (b,):
+            raise InputError(f"sigma must have shape ({b},) or be a scalar, got {tuple(sigma.shape)}.")
+
+        img = self.img_in(pack_latents(latents.to(dtype), ps))
+        txt = self.txt_in(self.txt_norm(text.to(dtype)))
+        temb = self.time_text_embed.timestep_embedder(_timestep_sinusoid(sigma).to(dtype))
+        temb_act = F.silu(temb)  # every modulation linear takes SiLU(temb): compute it once, not per block
+
+        device = img.device
+        img_freqs = self._image_freqs(h, w, device)
+        if text_positions is None:
+            txt_freqs = self._default_text_freqs(max(h // 2, w // 2), n_txt, device)
+        else:
+            if text_positions.shape != (n_txt,):
+                raise InputError(f"text_positions must have shape ({n_txt},), got {tuple(text_positions.shape)}.")
+            txt_freqs = self._text_freqs(text_positions.to(device))
+
+        mask = self._joint_mask(text_mask, attention_mask, b, n_txt, n_img, device)
+
+        use_ckpt = self._checkpointing and torch.is_grad_enabled()
+        offload = use_ckpt and self._offload_checkpoints
+        ctx = (
+            torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if offload else contextlib.nullcontext()
+        )
+        last = len(self.transformer_blocks) - 1
+        with ctx:
+            for i, block in enumerate(self.transformer_blocks):
+                # The last block's text output feeds nothing: skip its projection and MLP (same image result).
+                args = (img, txt, temb_act, img_freqs, txt_freqs, mask, i != last)
+                if use_ckpt:
+                    img, txt = checkpoint(block, *args, use_reentrant=False)
+                else:
+                    img, txt = block(*args)
+
+        out = self.proj_out(self.norm_out(img, temb_act))
+        return unpack_latents(out, height, width, ps)
+
+    def _joint_mask(
+        self,
+        text_mask: Tensor | None,
+        attention_mask: Tensor | None,
+        b: int,
+        n_txt: int,
+        n_img: int,
+        device: torch.device,
+    ) -> Tensor | None:
+        """Boolean SDPA mask over [text, image], or None when nothing is masked (lets SDPA use flash kernels)."""
+        n = n_txt + n_img
+        if attention_mask is not None:
+            ok = (
+                attention_mask.ndim == 4
+                and attention_mask.shape[0] in (1, b)
+                and attention_mask.shape[1] in (1, self.params.num_heads)
+                and attention_mask.shape[2:] == (n, n)
+            )
+            if not ok or attention_mask.dtype != torch.bool:
+                raise InputError(
+                    f"attention_mask must be a bool tensor of shape ({b}, 1 or {self.params.num_heads}, {n}, {n}) "
+                    f"over [text, image] tokens, got {attention_mask.dtype} {tuple(attention_mask.shape)}."
+                )
+            return attention_mask.to(device)
+        if text_mask is None:
+            return None
+        if text_mask.shape != (b, n_txt):
+            raise InputError(f"text_mask must have shape ({b}, {n_txt}), got {tuple(text_mask.shape)}.")
+        text_mask = text_mask.to(device=device, dtype=torch.bool)
+        if bool(text_mask.all()):  # one host sync, repaid by the faster unmasked attention kernel
+            return None
+        keys = torch.cat([text_mask, text_mask.new_ones(b, n_img)], dim=1)
+        return keys[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint detection and building
+
+# Names only a diffusers-layout Qwen-Image DiT has together (Flux uses x_embedder/context_embedder or double_blocks).
+DIT_KEY_MARKERS: frozenset[str] = frozenset(
+    {
+        "img_in.weight",
+        "txt_in.weight",
+        "txt_norm.weight",
+        "transformer_blocks.0.img_mod.1.weight",
+        "transformer_blocks.0.txt_mod.1.weight",
+        "transformer_blocks.0.attn.add_q_proj.weight",
+        "proj_out.weight",
+    }
+)
+
+
+def is_dit_checkpoint(keys: Iterable[str]) -> bool:
+    """Whether `keys` (all keys of a checkpoint, across shards) hold a Qwen-Image DiT."""
+    return set(keys) >= DIT_KEY_MARKERS
+
+
+def build_dit(
+    state_dict: Mapping[str, Tensor],
+    config: Mapping[str, Any] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> QwenImageDiT:
+    """Build a DiT on the meta device and assign the checkpoint's tensors to it (no random init, no copy).
+
+    Args:
+        state_dict: Tensors under diffusers key names.
+        config: The transformer's config.json dict; sizes are inferred from tensor shapes when None.
+        dtype: Cast floating-point tensors to this dtype (None keeps the checkpoint's).
+        device: Where the weights end up.
+
+    Raises:
+        WeightsError: Keys are missing, unexpected or misshaped (each named).
+        ConfigError: The config is invalid, or sizes can't be inferred without it.
+    """
+    if config is not None:
+        params = DiTParams.from_config(config)
+    else:
+        params = DiTParams.from_shapes({k: tuple(v.shape) for k, v in state_dict.items()})
+    with torch.device("meta"):
+        module = QwenImageDiT(params)
+    assign_state_dict(module, state_dict, what="Qwen-Image DiT", dtype=dtype, device=device)
+    return module.eval()
