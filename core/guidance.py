@@ -24,4 +24,7 @@ def guide(
     combined = uncond + scale * (cond - uncond)
     if not rescale:
         return combined
-    return combined * (patch_norm(cond, patch_size) / patch_norm(combined, patch_size))
+    combined_norm = patch_norm(combined, patch_size)
+    # A token whose guided velocity is exactly zero has nothing to rescale (the official formula gives 0/0 = NaN).
+    ratio = torch.where(combined_norm > 0, patch_norm(cond, patch_size) / combined_norm, 1.0)
+    return combined * ratio

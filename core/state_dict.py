@@ -18,6 +18,20 @@ def _preview(keys: list[str]) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
+def compare_shapes(
+    expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[str]]:
+    """Missing keys, unexpected keys, and `"key: checkpoint (..) vs model (..)"` shape mismatches, each sorted."""
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(actual[k])} vs model {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(actual))
+        if tuple(actual[k]) != tuple(expected[k])
+    ]
+    return missing, unexpected, wrong_shape
+
+
 def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
     """Raise `WeightsError` naming every missing, unexpected or wrongly shaped key.
 
@@ -26,14 +40,9 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], 
         state_dict: Checkpoint tensors, already renamed to the module's key names.
         what: Human-readable name of the component and source, used in the message.
     """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
+    missing, unexpected, wrong_shape = compare_shapes(
+        {k: tuple(v.shape) for k, v in module.state_dict().items()}, {k: tuple(v.shape) for k, v in state_dict.items()}
+    )
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {_preview(missing)}")

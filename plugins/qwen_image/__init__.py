@@ -6,7 +6,7 @@ Stays cheap to import: model code (torch, transformers) loads only when a pipeli
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +32,15 @@ __all__ = ["TINY_MODEL_ID", "ModelConfig", "QwenImagePipeline"]
 
 
 class _LazyFamily:
-    """Registered family object; the real builder (and torch) is imported on first build."""
+    """Registered family object; the real builder (and torch) is imported on first use of any method."""
 
     component_names = ("dit", "text_encoder", "vae", "tokenizer")
     default_model_id = "Qwen/Qwen-Image"
 
-    def _family(self) -> Any:
+    def __getattr__(self, name: str) -> Any:
         from imagezoo.plugins.qwen_image.family import QwenImageFamily
 
-        return QwenImageFamily()
-
-    def detect_component(self, keys: Sequence[str]) -> str | None:
-        """See `QwenImageFamily.detect_component`."""
-        return self._family().detect_component(keys)
-
-    def build(self, files: dict[str, list[Any]], **kwargs: Any) -> Any:
-        """See `QwenImageFamily.build`."""
-        return self._family().build(files, **kwargs)
+        return getattr(QwenImageFamily(), name)
 
 
 @hookimpl

@@ -27,3 +27,8 @@ def test_plain_cfg_and_scale_one():
     cond, uncond = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
     assert torch.allclose(guide(cond, uncond, 3.0, rescale=False), uncond + 3.0 * (cond - uncond))
     assert torch.allclose(guide(cond, uncond, 1.0, rescale=True), cond, atol=1e-6)
+
+
+def test_zero_velocity_tokens_stay_finite():
+    zeros = torch.zeros(1, 4, 4, 4)
+    assert torch.equal(guide(zeros, zeros, 4.0, rescale=True), zeros)

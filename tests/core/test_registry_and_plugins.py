@@ -44,9 +44,9 @@ def test_unknown_model_suggests_close_names():
 def test_duplicate_id_or_alias_is_an_error_naming_both_plugins():
     registry = ModelRegistry()
     registry.add(_entry("a/model", ["short"]), "plugin-one")
-    with pytest.raises(PluginError, match="plugin-one.*plugin-two"):
+    with pytest.raises(PluginError, match=r"plugin-one.*plugin-two"):
         registry.add(_entry("b/model", ["SHORT"]), "plugin-two")
-    with pytest.raises(PluginError, match="(?i)duplicate model ID 'a/model'"):
+    with pytest.raises(PluginError, match=r"(?i)duplicate model ID 'a/model'"):
         registry.add(_entry("A/Model"), "plugin-two")
 
 
@@ -84,7 +84,7 @@ def test_hook_registered_models_merge_and_remember_plugin():
 def test_hook_registered_duplicate_of_builtin_is_an_error():
     kernel = Kernel(load=[])
     kernel.pm.register(_DuplicateModels(), name="dupe")
-    with pytest.raises(PluginError, match="Qwen/Qwen-Image.*dupe"):
+    with pytest.raises(PluginError, match=r"Qwen/Qwen-Image.*dupe"):
         _ = kernel.models
 
 
@@ -115,5 +115,5 @@ def test_plugins_listing_shows_builtins_and_hooks():
 
 def test_unknown_memory_strategy_names_value_and_available():
     kernel = Kernel(load=[])
-    with pytest.raises(UnknownNameError, match="'bogus'.*Available"):
+    with pytest.raises(UnknownNameError, match=r"'bogus'.*Available"):
         kernel.memory_strategies.get("bogus")
