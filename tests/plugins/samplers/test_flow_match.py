@@ -102,7 +102,7 @@ def test_euler_step_and_bad_inputs():
     assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(x, 0.5))
     with pytest.raises(InputError, match="num_inference_steps=0"):
         FlowMatchEuler().sigmas(0, 100)
-    with pytest.raises(InputError, match="denoising_strength=1.5"):
+    with pytest.raises(InputError, match=r"denoising_strength=1.5"):
         FlowMatchEuler().sigmas(4, 100, 1.5)
     assert len(FlowMatchEuler().sigmas(4, 100, 0.1)) == 2  # as diffusers: at least one step runs
     with pytest.raises(InputError, match="'sideways'"):
