@@ -38,79 +38,46 @@ def _noise(batch: int, size: int = 128) -> torch.Tensor:
     return torch.randn(batch, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
 
 
-def test_end_to_end_latents_match_diffusers_with_cfg(tiny_pipe, reference):
+def _both(ours_pipe, reference, prompt, negative, cfg_scale, steps, output_type):
+    """Run imagezoo and diffusers on the same prompt, noise and settings; returns (ours, theirs)."""
     noise = _noise(1)
-    prompt, negative = "a red bicycle leaning on a blue wall", "blurry"
-    ours = tiny_pipe(
+    ours = ours_pipe(
         prompt,
-        negative_prompt=negative,
-        cfg_scale=4.0,
+        negative_prompt=negative or "",
+        cfg_scale=cfg_scale,
         height=128,
         width=128,
-        num_inference_steps=4,
+        num_inference_steps=steps,
         latents=noise,
-        output_type="latent",
+        output_type=output_type,
         progress_bar_cmd=lambda x: x,
     )
     theirs = reference(
         prompt=prompt,
         negative_prompt=negative,
-        true_cfg_scale=4.0,
+        true_cfg_scale=cfg_scale,
         height=128,
         width=128,
-        num_inference_steps=4,
+        num_inference_steps=steps,
         latents=pack_latents(noise),
-        output_type="latent",
+        output_type=output_type,
     ).images
-    error = torch.max(torch.abs(pack_latents(ours) - theirs)).item()
+    return (pack_latents(ours) if output_type == "latent" else ours), theirs
+
+
+def test_end_to_end_latents_match_diffusers_with_cfg(tiny_pipe, reference):
+    ours, theirs = _both(tiny_pipe, reference, "a red bicycle leaning on a blue wall", "blurry", 4.0, 4, "latent")
+    error = torch.max(torch.abs(ours - theirs)).item()
     assert error <= END_TO_END_TOLERANCE, error
 
 
 def test_end_to_end_without_cfg_matches_diffusers(tiny_pipe, reference):
-    noise = _noise(1)
-    ours = tiny_pipe(
-        "a cat",
-        cfg_scale=1.0,
-        height=128,
-        width=128,
-        num_inference_steps=3,
-        latents=noise,
-        output_type="latent",
-        progress_bar_cmd=lambda x: x,
-    )
-    theirs = reference(
-        prompt="a cat",
-        true_cfg_scale=1.0,
-        height=128,
-        width=128,
-        num_inference_steps=3,
-        latents=pack_latents(noise),
-        output_type="latent",
-    ).images
-    assert torch.max(torch.abs(pack_latents(ours) - theirs)).item() <= END_TO_END_TOLERANCE
+    ours, theirs = _both(tiny_pipe, reference, "a cat", None, 1.0, 3, "latent")
+    assert torch.max(torch.abs(ours - theirs)).item() <= END_TO_END_TOLERANCE
 
 
 def test_decoded_image_matches_diffusers(tiny_pipe, reference):
-    noise = _noise(1)
-    ours = tiny_pipe(
-        "a cat",
-        cfg_scale=1.0,
-        height=128,
-        width=128,
-        num_inference_steps=2,
-        latents=noise,
-        output_type="np",
-        progress_bar_cmd=lambda x: x,
-    )
-    theirs = reference(
-        prompt="a cat",
-        true_cfg_scale=1.0,
-        height=128,
-        width=128,
-        num_inference_steps=2,
-        latents=pack_latents(noise),
-        output_type="np",
-    ).images
+    ours, theirs = _both(tiny_pipe, reference, "a cat", None, 1.0, 2, "np")
     assert ours.shape == theirs.shape == (1, 128, 128, 3)
     assert abs(ours - theirs).max() <= 1e-4
 
