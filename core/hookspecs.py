@@ -39,6 +39,11 @@ def register_memory_strategies(register: Callable[[str, Callable[..., Any]], Non
     """Register memory strategies: `register(name, factory)` where `factory(**options)` returns a `MemoryStrategy`."""
 
 
+@hookspec
+def register_inputs(register: Callable[[str, Any], None]) -> None:
+    """Register extra generation inputs: `register(name, extension)` with an `InputExtension` (pipeline keywords)."""
+
+
 @hookspec(firstresult=True)
 def resolve_weights(config: ModelConfig) -> list[Path] | None:
     """Return the local files for a `model_id` config (local cache, generator, download...), or None to pass."""

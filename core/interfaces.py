@@ -138,3 +138,62 @@ class ModelFamily(Protocol):
         """Key format, inferred architecture, and `missing_keys` / `unexpected_keys` / `shape_mismatches` lists,
         plus `matches_architecture`, for a checkpoint of `component` (headers only)."""
         ...
+
+
+@dataclass(frozen=True)
+class GenerationContext:
+    """What an `InputExtension` knows about the generation call it conditions.
+
+    Attributes:
+        pipeline: The calling pipeline (its `text_encoder`, `denoiser`, `vae`, `device`, `dtype`, LoRAs...).
+        prompts: The batch's prompts.
+        negative_prompts: One negative prompt per prompt.
+        height, width: Output size in pixels.
+        max_sequence_length: Prompt token cap for any extra text the extension encodes.
+        cfg: Whether classifier-free guidance runs (an unconditional conditioning exists).
+    """
+
+    pipeline: Any
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    height: int
+    width: int
+    max_sequence_length: int
+    cfg: bool
+
+
+@runtime_checkable
+class InputExtension(Protocol):
+    """Extra keyword inputs of `pipe(...)` handled by a plugin (registered with `register_inputs`).
+
+    The pipeline's own arguments are fixed; any other keyword goes to the extension that declares it in `inputs`
+    (or under a generic name in `aliases`, which front-ends such as the CLI use), among the extensions whose
+    `families` include the pipeline's model family (empty: every family). A keyword no extension declares is an
+    `InputError` listing the accepted ones. Inputs left as None count as not given; an extension none of whose
+    inputs were given is not called.
+
+    Attributes:
+        inputs: Keyword names it handles, e.g. `("eligen_entity_prompts", ...)`.
+        families: Model families it works with; empty means all.
+        aliases: Generic name -> one of `inputs` (e.g. `"entity_prompts"` -> `"eligen_entity_prompts"`).
+    """
+
+    inputs: tuple[str, ...]
+    families: tuple[str, ...]
+    aliases: dict[str, str]
+
+    def condition(
+        self,
+        context: GenerationContext,
+        inputs: dict[str, Any],
+        cond: TextConditioning,
+        uncond: TextConditioning | None,
+    ) -> tuple[TextConditioning, TextConditioning | None]:
+        """Return the conditionings to sample with, given the encoded prompts and the extension's inputs.
+
+        `inputs` holds only the given (non-None) inputs, under their names in `inputs`. Family-specific results
+        go into `TextConditioning.extras`, which the family's denoiser reads. Conditionings that carry extras are
+        run as separate denoiser passes under CFG rather than batched, so cond and uncond may differ in layout.
+        Raise `InputError` for invalid values.
+        """
+        ...
