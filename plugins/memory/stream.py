@@ -1,0 +1,18 @@
+"""`stream`: block streaming under a VRAM budget, from pinned host memory with prefetch.
+
+The budget (`vram_limit`, default: the free VRAM when applied) first pays for each component's non-block weights
+and two block buffers; blocks that fit stay resident (spread evenly over the sequence), the others are copied in
+just before they run, the next one prefetched on a side CUDA stream while the current one computes. Components stay
+on the device together while they fit the budget and are evicted least-recently-used first when they do not.
+`vram_limit=0` is the minimum: only the non-block weights and two blocks of the running component.
+"""
+
+from __future__ import annotations
+
+from imagezoo.plugins.memory._placement import Placement
+
+
+class Stream(Placement):
+    """Block streaming under a VRAM budget; see `Placement` for the options."""
+
+    name = "stream"
