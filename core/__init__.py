@@ -66,6 +66,8 @@ def load(
     memory: Sequence[str] = (),
     local_model_path: str | Path | None = None,
     skip_download: bool = False,
+    gpus: int | None = None,
+    parallel: str = "auto",
     **memory_options: Any,
 ) -> Pipeline:
     """Load a registered model by ID or alias (no file patterns needed).
@@ -77,18 +79,37 @@ def load(
         memory: Names of memory strategies to apply, in order.
         local_model_path: Download/cache folder.
         skip_download: Use local files only.
+        gpus: Run each generation on this many processes, one per GPU (`imagezoo.parallel`): under torchrun /
+            accelerate launch the launcher's ranks, otherwise workers this call spawns. None: one process.
+        parallel: How several GPUs share a generation: "auto", "sp" (sequence) or "cfg" (docs/parallel.md).
         **memory_options: Passed to `Pipeline.enable_memory` (e.g. `vram_limit=12`).
     """
     import torch
 
     from imagezoo.pipeline import Pipeline
 
-    pipe = Pipeline.from_registry(
+    options: dict[str, Any] = {}
+    if gpus is not None:
+        from imagezoo.parallel import ParallelPipeline
+
+        builder, options = ParallelPipeline, {"gpus": gpus, "parallel": parallel}
+    else:
+        builder = Pipeline
+    if memory:
+        from imagezoo.memory import STAGE_PLACEMENT, stage_of
+        from imagezoo.plugin_manager import get_kernel
+
+        strategies = get_kernel().memory_strategies
+        # Placement strategies take the weights to the device themselves: load on the host so they never have to fit.
+        if any(stage_of(strategies.get(name).value) == STAGE_PLACEMENT for name in memory):
+            options["build_device"] = "cpu"
+    pipe = builder.from_registry(
         model_id,
         device=device,
         torch_dtype=torch_dtype or torch.bfloat16,
         local_model_path=local_model_path,
         skip_download=skip_download,
+        **options,
     )
     if memory:
         pipe.enable_memory(list(memory), **memory_options)

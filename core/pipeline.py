@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from imagezoo.config import ModelConfig
-from imagezoo.errors import InputError, NumericalError, WeightsError
+from imagezoo.errors import InputError, NumericalError, PluginError, WeightsError
 from imagezoo.guidance import guide
 from imagezoo.images import pil_to_tensor, tensor_to_float_array, tensor_to_pil
-from imagezoo.interfaces import Components, ModelFamily, Sampler, TextConditioning
+from imagezoo.interfaces import Components, GenerationContext, ModelFamily, Sampler, TextConditioning
+from imagezoo.lora import LoraMixin
 from imagezoo.plugin_manager import Kernel, get_kernel
 from imagezoo.registry import Defaults, ModelEntry
 from imagezoo.weights import files_from_path, read_shapes
@@ -44,10 +45,11 @@ def _pad_text(conds: Sequence[TextConditioning]) -> TextConditioning:
     return TextConditioning(torch.cat(embeds), torch.cat(masks), conds[0].extras)
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     """Text-to-image (and image-to-image) generation for any registered model family.
 
     Build it with `from_registry` (model ID only) or `from_pretrained` (explicit `ModelConfig`s, the seed API).
+    LoRA methods (`load_lora`, `unload_lora`, `fuse_lora`, `unfuse_lora`, `save_lora`) come from `LoraMixin`.
     """
 
     family_name: str | None = None
@@ -61,6 +63,7 @@ class Pipeline:
         dtype: torch.dtype,
         entry: ModelEntry | None = None,
         kernel: Kernel | None = None,
+        files: dict[str, list[Any]] | None = None,
     ) -> None:
         self.components = components
         self.text_encoder = components.text_encoder
@@ -72,6 +75,8 @@ class Pipeline:
         self.entry = entry
         self.kernel = kernel or get_kernel()
         self.memory_strategies: list[Any] = []
+        # Component name -> the safetensors files its weights came from (disk streaming and exact restores read them).
+        self.files: dict[str, list[Any]] = dict(files or {})
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -92,8 +97,12 @@ class Pipeline:
         local_model_path: str | Path | None = None,
         skip_download: bool = False,
         kernel: Kernel | None = None,
+        build_device: torch.device | str | None = None,
     ) -> Pipeline:
         """Load a registered model by ID or alias; its files and defaults come from the registry entry.
+
+        The entry's `adapters` (LoRA files, e.g. EliGen's) are loaded onto the pipeline unfused, each named by its
+        repo ID.
 
         Args:
             model_id: Hub ID (`"Qwen/Qwen-Image"`) or alias (`"qwen-image"`), case-insensitive.
@@ -102,6 +111,8 @@ class Pipeline:
             local_model_path: Download/cache folder (default `$IMAGEZOO_MODELS_DIR` or `./models`).
             skip_download: Use local files only.
             kernel: Plugin set to use (default: the process-wide one).
+            build_device: Where the weights are loaded (default: `device`); "cpu" when placement memory strategies
+                will manage them, so a model larger than the GPU never has to fit on it.
         """
         kernel = kernel or get_kernel()
         entry = kernel.models.get(model_id)
@@ -115,8 +126,31 @@ class Pipeline:
                 skip_download=skip_download,
             )
             files[component] = kernel.resolve_weights(config)
-        components = family.build(files, dtype=torch_dtype, device=device)
-        return cls(components, defaults=entry.defaults, device=device, dtype=torch_dtype, entry=entry, kernel=kernel)
+        # Adapter files are fetched before the (slow) build so a missing one fails fast.
+        adapters = []
+        for source in entry.adapters:
+            adapter_id = source.model_id or entry.id
+            config = ModelConfig(
+                model_id=adapter_id,
+                origin_file_pattern=source.pattern,
+                local_model_path=local_model_path,
+                skip_download=skip_download,
+            )
+            adapters.append((adapter_id, kernel.resolve_weights(config)))
+        components = family.build(files, dtype=torch_dtype, device=build_device or device)
+        pipe = cls(
+            components,
+            defaults=entry.defaults,
+            device=device,
+            dtype=torch_dtype,
+            entry=entry,
+            kernel=kernel,
+            files=files,
+        )
+        for adapter_id, adapter_files in adapters:
+            name = adapter_id if len(adapters) == 1 else f"{adapter_id}:{Path(adapter_files[0]).stem}"
+            pipe.load_lora(adapter_files, name=name)
+        return pipe
 
     @classmethod
     def from_pretrained(
@@ -163,10 +197,27 @@ class Pipeline:
             raise InputError(
                 f"model_configs lack the {', '.join(missing)} of {family_name}; give a ModelConfig for each."
             )
-        components = fam.build(files, dtype=torch_dtype, device=device)
+        # Components with an offload_device must not pass through the compute device (a 20B DiT would not fit a small
+        # GPU): everything is built on the CPU and enable_vram_management() places it.
+        offloaded = [name for name, (offload_device, _) in offload.items() if offload_device is not None]
+        build_device = "cpu" if offloaded else device
+        if offloaded and torch.device(device).type != "cpu":
+            logger.info(
+                "%s have an offload_device: built on the CPU; call pipe.enable_vram_management() before generating.",
+                ", ".join(offloaded),
+            )
+        components = fam.build(files, dtype=torch_dtype, device=build_device)
         components.offload = offload
         entry = cls._entry_for(kernel, family_name, fam, model_ids.get("dit"))
-        return cls(components, defaults=entry.defaults, device=device, dtype=torch_dtype, entry=entry, kernel=kernel)
+        return cls(
+            components,
+            defaults=entry.defaults,
+            device=device,
+            dtype=torch_dtype,
+            entry=entry,
+            kernel=kernel,
+            files=files,
+        )
 
     @staticmethod
     def _entry_for(kernel: Kernel, family_name: str, family: ModelFamily, model_id: str | None) -> ModelEntry:
@@ -179,15 +230,105 @@ class Pipeline:
 
     # ----------------------------------------------------------------- memory
     def enable_memory(self, names: Sequence[str], **options: Any) -> None:
-        """Apply memory strategies by name, in order; options go to each strategy that accepts them.
+        """Apply memory strategies by name; options go to each strategy that accepts them.
 
-        Unknown names are an error listing the available strategies; nothing is applied in that case.
+        Strategies apply in their declared stage order whatever the order of `names` (storage dtype such as `fp8`,
+        then placement such as `offload` / `stream` / `disk`), and all-or-nothing: unknown names, an option no
+        named strategy takes, or a combination that makes no sense (see `imagezoo.memory.check_combination`) raise
+        before anything is applied, and a failure while applying undoes the strategies of this call.
+
+        Args:
+            names: Registered strategy names, e.g. `["fp8", "offload"]`.
+            **options: e.g. `vram_limit=12`, `vram_buffer=0.5`, `components=["dit"]`.
         """
+        from imagezoo.memory import accepted_options, stage_of
+
         factories = [self.kernel.memory_strategies.get(name) for name in names]
-        for registered in factories:
-            strategy = registered.value(**options)
-            strategy.apply(self)
-            self.memory_strategies.append(strategy)
+        taken = {name: accepted_options(registered.value) for name, registered in zip(names, factories, strict=True)}
+        unused = [
+            key for key in options if all(accepted is not None and key not in accepted for accepted in taken.values())
+        ]
+        if unused:
+            raise InputError(
+                f"Memory option(s) {', '.join(map(repr, unused))} are taken by none of {list(names)}; "
+                + "; ".join(f"{n} takes {sorted(a) if a is not None else 'anything'}" for n, a in taken.items())
+                + "."
+            )
+        strategies = []
+        for name, registered in zip(names, factories, strict=True):
+            accepted = taken[name]
+            chosen = {k: v for k, v in options.items() if accepted is None or k in accepted}
+            strategies.append(registered.value(**chosen))
+        self.apply_memory_strategies(sorted(strategies, key=stage_of))
+
+    def apply_memory_strategies(self, strategies: Sequence[Any]) -> None:
+        """Apply already-built strategy objects (sorted by stage), all-or-nothing, after checking the combination."""
+        from imagezoo.memory import check_combination
+
+        check_combination(self, self.memory_strategies, strategies)
+        done = len(self.memory_strategies)
+        try:
+            for strategy in strategies:
+                strategy.apply(self)
+                self.memory_strategies.append(strategy)
+        except BaseException:
+            while len(self.memory_strategies) > done:
+                self.memory_strategies.pop().remove(self)
+            raise
+
+    def enable_vram_management(
+        self,
+        vram_limit: float | None = None,
+        vram_buffer: float = 0.5,
+        num_persistent_param_in_dit: int | None = None,
+    ) -> None:
+        """The seed's VRAM management: strategies chosen from each component's `ModelConfig` and the budget.
+
+        A component's `offload_dtype` (e.g. `torch.float8_e4m3fn`) stores its weights in that dtype (`fp8`
+        strategy); its `offload_device` (`"cpu"`, or `"disk"` to read the safetensors files on demand) makes it
+        managed by the `stream` strategy: blocks stay on the compute device while they fit the budget, the rest is
+        streamed, and components take turns when they do not fit together. A pipeline loaded without offload
+        settings (e.g. from the registry) has every component managed as `offload_device="cpu"`.
+
+        Args:
+            vram_limit: GB of VRAM for the weights; None uses the free VRAM, 0 the least possible.
+            vram_buffer: GB kept free below the limit (activations, allocator slack).
+            num_persistent_param_in_dit: At most this many DiT parameters stay resident (deprecated in the seed).
+        """
+        registry = self.kernel.memory_strategies
+        modules = self.components.modules
+        settings = self.components.offload or {}
+        if not any(device is not None or dtype is not None for device, dtype in settings.values()):
+            settings = {name: ("cpu", None) for name in modules}
+        strategies: list[Any] = []
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for name, (_, offload_dtype) in settings.items():
+            if offload_dtype is not None and offload_dtype != self.dtype:
+                by_dtype.setdefault(offload_dtype, []).append(name)
+        for offload_dtype, names in by_dtype.items():
+            # The originals are not kept in host memory: remove() re-reads them from the files.
+            keep = not self.files
+            strategies.append(registry.get("fp8").value(dtype=offload_dtype, components=names, keep_original=keep))
+        placed = {name: str(device) for name, (device, _) in settings.items() if device is not None}
+        for name, device in placed.items():
+            if device not in ("cpu", "disk"):
+                raise InputError(f"offload_device={device!r} of the {name} is not allowed; use 'cpu' or 'disk'.")
+        # Components without an offload_device belong on the compute device (from_pretrained built them on the CPU
+        # when any other component is offloaded).
+        for name, module in modules.items():
+            if name not in placed:
+                module.to(self.device)
+        if placed:
+            strategies.append(
+                registry.get("stream").value(
+                    components=list(placed),
+                    sources=placed,
+                    vram_limit=vram_limit,
+                    vram_buffer=vram_buffer,
+                    num_persistent_param_in_dit=num_persistent_param_in_dit,
+                )
+            )
+        self.apply_memory_strategies(strategies)
 
     def disable_memory(self, name: str | None = None) -> None:
         """Remove one applied strategy by name (and those applied after it), or all when `name` is None."""
@@ -196,7 +337,97 @@ class Pipeline:
             raise InputError(f"Memory strategy {name!r} is not applied; applied: {', '.join(names) or 'none'}.")
         stop = 0 if name is None else names.index(name)
         while len(self.memory_strategies) > stop:
-            self.memory_strategies.pop().remove(self)
+            # Popped only once removed: a strategy that cannot undo itself stays listed (and applied).
+            self.memory_strategies[-1].remove(self)
+            self.memory_strategies.pop()
+
+    # ----------------------------------------------------------------- speed
+    def _speed_modules(self) -> list[Any]:
+        # Speed settings are the family's (compile, attention kernels, FP8, step caching): any component module
+        # that offers `enable_speed` takes them, so the kernel needs no plugin import.
+        return [m for m in self.components.modules.values() if callable(getattr(m, "enable_speed", None))]
+
+    def enable_speed(self, profile: str = "auto", **options: Any) -> list[Any]:
+        """Apply a speed profile to every component that offers one (for Qwen-Image: the DiT; see docs/speed.md).
+
+        Args:
+            profile: A profile name of the family ("auto" = the best exact settings for the device).
+            **options: Individual settings overriding the profile's.
+
+        Returns:
+            What each component applied.
+
+        Raises:
+            InputError: No component of this pipeline has speed settings.
+        """
+        modules = self._speed_modules()
+        if not modules:
+            raise InputError(
+                f"The {self.entry.family if self.entry else self.family_name} model has no speed profiles; "
+                "drop --speed / enable_speed for it."
+            )
+        return [module.enable_speed(profile, **options) for module in modules]
+
+    def disable_speed(self) -> None:
+        """Undo `enable_speed` on every component."""
+        for module in self._speed_modules():
+            module.disable_speed()
+
+    # ----------------------------------------------------------------- extra inputs
+    def accepted_extra_inputs(self) -> dict[str, tuple[str, Any, str]]:
+        """The extra keyword inputs this pipeline accepts, from the `register_inputs` extensions of its family.
+
+        Returns:
+            Input name (or alias) -> (extension name, extension, the input name it stands for).
+
+        Raises:
+            PluginError: Two extensions claim the same name.
+        """
+        family = self.entry.family if self.entry is not None else self.family_name
+        accepted: dict[str, tuple[str, Any, str]] = {}
+        for registered in self.kernel.input_extensions:
+            extension = registered.value
+            if extension.families and family not in extension.families:
+                continue
+            names = [(name, name) for name in extension.inputs]
+            names += list(getattr(extension, "aliases", {}).items())
+            for name, target in names:
+                if name in accepted and accepted[name][0] != registered.name:
+                    raise PluginError(
+                        f"Input {name!r} is claimed by input extensions {accepted[name][0]!r} and "
+                        f"{registered.name!r}; block one of their plugins."
+                    )
+                accepted[name] = (registered.name, extension, target)
+        return accepted
+
+    def route_extra_inputs(self, extra_inputs: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
+        """Group extra keyword inputs by the extension that handles them; None values count as not given.
+
+        Raises:
+            InputError: A name no extension of this family accepts (the accepted ones are listed), or an input given
+                both under its name and an alias.
+        """
+        if not extra_inputs:
+            return []
+        accepted = self.accepted_extra_inputs()
+        unknown = sorted(set(extra_inputs) - set(accepted))
+        if unknown:
+            family = self.entry.family if self.entry is not None else self.family_name
+            known = ", ".join(sorted(accepted)) or "none"
+            raise InputError(
+                f"Unknown keyword argument(s) {', '.join(map(repr, unknown))} for a {family} pipeline. Extra inputs "
+                f"accepted (from input-extension plugins): {known}."
+            )
+        grouped: dict[str, tuple[Any, dict[str, Any]]] = {}
+        for name, value in extra_inputs.items():
+            if value is None:
+                continue
+            owner, extension, target = accepted[name]
+            inputs = grouped.setdefault(owner, (extension, {}))[1]
+            if target in inputs:
+                raise InputError(f"{target!r} is given twice (once as {name!r}); give it once.")
+            inputs[target] = value
+        return list(grouped.values())
 
     # ----------------------------------------------------------------- generation
     def resolve_sampler(self, sampler: str | Sampler | None) -> Sampler:
@@ -233,6 +464,12 @@ class Pipeline:
         """The (guided) velocity for float32 latents at `sigma`; CFG runs as one batched forward."""
         batch = latents.shape[0]
         x = latents.to(self.dtype)
+        if uncond is not None and (cond.extras or uncond.extras):
+            # Extras (e.g. attention masks) are laid out for their own text sequence: run the two passes apart.
+            sigmas = torch.full((batch,), sigma, device=x.device, dtype=self.dtype)
+            positive = self.denoiser(x, sigmas, cond).float()
+            negative = self.denoiser(x, sigmas, uncond).float()
+            return guide(positive, negative, cfg_scale, rescale=cfg_rescale, patch_size=self.denoiser.patch_size)
         if uncond is None:
             text, x_in = cond, x
         else:
@@ -269,6 +506,7 @@ class Pipeline:
         cfg_rescale: bool | None = None,
         max_sequence_length: int | None = None,
         step_callback: StepCallback | None = None,
+        **extra_inputs: Any,
     ) -> Any:
         """Generate images. Arguments left as None take the model's registry defaults.
 
@@ -291,12 +529,15 @@ class Pipeline:
             max_sequence_length: Prompt token cap (default 512, at most 1024); longer prompts are truncated with a
                 warning.
             step_callback: Called as `step_callback(step_index, sigma, latents)` after each step.
+            **extra_inputs: Inputs handled by plugins' input extensions (`register_inputs`), e.g. EliGen's
+                `eligen_entity_prompts`; see `accepted_extra_inputs()`. Unknown names are an `InputError`.
 
         Returns:
             One image for a string prompt, a list for a list of prompts (or a tensor / array batch for "latent" /
             "np" output).
         """
         defaults = self.defaults
+        extensions = self.route_extra_inputs(extra_inputs)
         prompts = _as_prompts(prompt, "prompt")
         cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
@@ -355,6 +596,12 @@ class Pipeline:
 
         cond = self.text_encoder.encode(prompts, max_length)
         uncond = self.text_encoder.encode(negatives, max_length) if cfg_scale > 1 else None
+        if extensions:
+            context = GenerationContext(
+                self, tuple(prompts), tuple(negatives), height, width, max_length, uncond is not None
+            )
+            for extension, inputs in extensions:
+                cond, uncond = extension.condition(context, inputs, cond, uncond)
 
         x = noise
         if input_image is not None:

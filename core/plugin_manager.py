@@ -37,6 +37,8 @@ KERNEL_PLUGINS = ("imagezoo.resolvers", "imagezoo.downloader")
 BUILTIN_PLUGINS = (
     "imagezoo.plugins.qwen_image",
     "imagezoo.plugins.samplers",
+    "imagezoo.plugins.eligen",
+    "imagezoo.plugins.memory",
 )
 
 
@@ -150,6 +152,11 @@ class Kernel:
     def memory_strategies(self) -> NameTable[Any]:
         """Memory-strategy factories by name."""
         return self.table("register_memory_strategies", "memory strategy")
+
+    @property
+    def input_extensions(self) -> NameTable[Any]:
+        """Extra-input handlers (`InputExtension`s) by name."""
+        return self.table("register_inputs", "input extension")
 
     def resolve_weights(self, config: ModelConfig) -> list[Path]:
         """Local files for a `model_id` config, through the `resolve_weights` chain."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imagezoo.errors import ConfigError
 
@@ -21,8 +21,41 @@ DTYPES = {
 }
 
 
+class LoraSpec(BaseModel):
+    """One LoRA to load for a run: a file (any supported key format) and its strength."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    scale: float = 1.0
+    name: str | None = None
+
+
+def _lora_spec(value: Any) -> Any:
+    # "PATH" or "PATH:SCALE" strings, as on the command line.
+    if isinstance(value, str):
+        from imagezoo.lora import parse_lora_spec
+
+        path, scale = parse_lora_spec(value)
+        return {"path": path, "scale": scale}
+    return value
+
+
+def lora_specs(values: list[Any]) -> list[LoraSpec]:
+    """`LoraSpec`s from `"PATH[:SCALE]"` strings or dicts, with a `ConfigError` naming a bad one."""
+    try:
+        return [LoraSpec.model_validate(_lora_spec(value)) for value in values]
+    except ValidationError as exc:
+        raise ConfigError(f"Invalid LoRA setting: {exc}") from None
+
+
 class GenerateConfig(BaseModel):
-    """Settings of one `imagezoo generate` run; every field left out takes the model's registry default."""
+    """Settings of one `imagezoo generate` run; every field left out takes the model's registry default.
+
+    `loras` are loaded onto the model before memory strategies are applied; `inputs` are extra keyword inputs of
+    the pipeline, handled by plugins (e.g. `eligen_entity_prompts`, or the generic `entity_prompts`; mask images
+    may be given as file paths).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -46,8 +79,19 @@ class GenerateConfig(BaseModel):
     sampler: str | None = None
     memory: list[str] = Field(default_factory=list)
     memory_options: dict[str, Any] = Field(default_factory=dict)
+    speed: str | None = None
+    gpus: int | None = Field(default=None, gt=0)
+    parallel: Literal["auto", "sp", "cfg"] = "auto"
     local_model_path: str | None = None
     skip_download: bool = False
+    loras: list[LoraSpec] = Field(default_factory=list)
+    fuse_loras: bool = False
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _parse_lora_strings(cls, value: Any) -> Any:
+        return [_lora_spec(item) for item in value] if isinstance(value, list) else value
 
     def torch_dtype_name(self) -> str | None:
         """The torch dtype attribute name for `dtype`, validated."""

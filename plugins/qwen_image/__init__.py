@@ -42,6 +42,12 @@ class _LazyFamily:
 
         return getattr(QwenImageFamily(), name)
 
+    def training_adapter(self, components: Any) -> Any:
+        """How the family-agnostic trainer trains this family (an `imagezoo.training.TrainingAdapter`)."""
+        from imagezoo.plugins.qwen_image.training import QwenTrainingAdapter
+
+        return QwenTrainingAdapter(components)
+
 
 @hookimpl
 def register_components(register: Callable[[str, Any], None]) -> None:

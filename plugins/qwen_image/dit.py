@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from imagezoo.errors import ConfigError, InputError, WeightsError
+from imagezoo.plugins.qwen_image.attention import check_backend, joint_attention
 from imagezoo.state_dict import assign_state_dict
 
 _CLASS_NAME = "QwenImageTransformer2DModel"
@@ -234,15 +235,25 @@ def _rope_angles(positions: Tensor, dim: int, theta: float) -> Tensor:
 
 
 def _rope_freqs(frame: Tensor, row: Tensor, col: Tensor, axes: tuple[int, int, int], theta: float) -> Tensor:
-    """Complex64 (N, head_dim/2) rotations for tokens at (frame, row, col) positions."""
+    """Float32 (N, head_dim/2, 2) rotations [cos, sin] for tokens at (frame, row, col) positions.
+
+    Real rather than complex so compiled blocks take plain float inputs (inductor does not fuse complex maths).
+    """
     angles = torch.cat([_rope_angles(p, d, theta) for p, d in zip((frame, row, col), axes, strict=True)], dim=-1)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 def _apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate interleaved channel pairs of (B, N, H, D) `x` by complex (N, D/2) `freqs`, in float32."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(3).to(x.dtype)
+    """Rotate interleaved channel pairs of (B, N, H, D) `x` by (N, D/2, 2) [cos, sin] `freqs`, in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        # Real arithmetic, fused by inductor with the q/k norm into one pass; same products as the complex multiply.
+        x0, x1 = pairs.unbind(-1)
+        cos, sin = freqs[:, None, :, 0], freqs[:, None, :, 1]
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(3).to(x.dtype)
+    # Eager: one complex multiply is 3 kernels where the real form takes 8.
+    rotated = torch.view_as_complex(pairs) * torch.view_as_complex(freqs)[:, None, :]
+    return torch.view_as_real(rotated).flatten(3).to(x.dtype)
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -331,12 +342,19 @@ def _modulation(width: int) -> nn.Sequential:
 
 
 class _JointAttention(nn.Module):
-    """Joint attention over [text, image]: per-stream q/k/v and outputs, one SDPA call."""
+    """Joint attention over [text, image]: per-stream q/k/v and outputs, one attention call.
+
+    `backend` names the attention kernel (see `attention.BACKENDS`); every choice computes the same function.
+    `attention_fn` is a hook point: None calls `attention.joint_attention`; a callable with its signature replaces
+    it (sequence parallelism in `parallel.py` installs one that exchanges tokens between processes around it).
+    """
 
     def __init__(self, params: DiTParams) -> None:
         super().__init__()
         width, head_dim, eps = params.width, params.head_dim, params.eps
         self.head_dim = head_dim
+        self.backend = "auto"
+        self.attention_fn: Any = None
         self.to_q = nn.Linear(width, width)
         self.to_k = nn.Linear(width, width)
         self.to_v = nn.Linear(width, width)
@@ -360,7 +378,6 @@ class _JointAttention(nn.Module):
         text_out: bool,
     ) -> tuple[Tensor, Tensor | None]:
         b, _, width = img.shape
-        n_txt = txt.shape[1]
         heads = (b, -1, width // self.head_dim, self.head_dim)
 
         def qk(x: Tensor, proj: nn.Linear, norm: _RMSNorm, freqs: Tensor) -> Tensor:
@@ -373,15 +390,19 @@ class _JointAttention(nn.Module):
             # Text queries only feed the text output: without it, image queries attend to all keys on their own.
             q = img_q
             if mask is not None and mask.shape[2] > 1:
-                mask = mask[:, :, n_txt:]
-        k = torch.cat(
-            [qk(txt, self.add_k_proj, self.norm_added_k, txt_freqs), qk(img, self.to_k, self.norm_k, img_freqs)], 1
-        )
-        v = torch.cat([self.add_v_proj(txt).view(heads), self.to_v(img).view(heads)], 1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, q.shape[1], width)
+                mask = mask[:, :, txt.shape[1] :]
+        out = (self.attention_fn or joint_attention)(
+            q,
+            qk(txt, self.add_k_proj, self.norm_added_k, txt_freqs),
+            qk(img, self.to_k, self.norm_k, img_freqs),
+            self.add_v_proj(txt).view(heads),
+            self.to_v(img).view(heads),
+            mask,
+            self.backend,
+        ).reshape(b, q.shape[1], width)
         if not text_out:
             return self.to_out[0](out), None
+        n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
 
@@ -414,9 +435,10 @@ class QwenImageBlock(nn.Module):
             img: (B, S, width) image tokens.
             txt: (B, L, width) text tokens.
             temb_act: (B, width) SiLU of the timestep embedding.
-            img_freqs: (S, head_dim/2) complex RoPE rotations of the image tokens.
-            txt_freqs: (L, head_dim/2) complex RoPE rotations of the text tokens.
-            mask: SDPA boolean mask over the joint [text, image] sequence, or None.
+            img_freqs: (S, head_dim/2, 2) float32 RoPE rotations [cos, sin] of the image tokens.
+            txt_freqs: (L, head_dim/2, 2) float32 RoPE rotations [cos, sin] of the text tokens.
+            mask: Boolean mask over the joint [text, image] keys, (B, 1, 1, L+S) key padding or
+                (B, 1|heads, L+S, L+S) full, or None.
             text_out: Whether the text stream's output is needed (skips text queries, output projection and MLP).
         """
         eps = self.eps
@@ -443,12 +465,43 @@ class QwenImageBlock(nn.Module):
         return img, txt
 
 
+class StepCache(Protocol):
+    """Runs the block stack for one denoising step, possibly reusing work from earlier steps (see `speed.py`)."""
+
+    def __call__(
+        self,
+        dit: QwenImageDiT,
+        img: Tensor,
+        txt: Tensor,
+        temb_act: Tensor,
+        img_freqs: Tensor,
+        txt_freqs: Tensor,
+        mask: Tensor | tuple[int, ...] | None,
+        sigma: Tensor,
+    ) -> Tensor:
+        """Return the image stream after the last block (`mask` as `QwenImageDiT.run_blocks` takes it)."""
+        ...
+
+
 class QwenImageDiT(nn.Module):
     """The Qwen-Image transformer: spatial latents + sigma + text embeddings -> spatial velocity.
 
-    `compute_dtype` (default None = the dtype of `img_in.weight`) lets memory strategies that store weights in a
-    storage-only dtype (e.g. fp8) say which dtype activations should use.
+    Attributes:
+        compute_dtype: Default None = the dtype of `img_in.weight`; lets memory strategies that store weights in a
+            storage-only dtype (e.g. fp8) say which dtype activations should use.
+        step_cache: None (every step runs every block), or a `StepCache` that may skip blocks on some steps (lossy;
+            set by `speed.enable_step_cache`). Ignored while gradients are recorded.
+        split_padded_batches: Whether a batch of right-padded prompts runs sample by sample on its real tokens with
+            dense attention (same result) instead of as one masked batch, in inference. None (default): on CUDA
+            with the "auto" attention backend, where it was measured faster (docs/speed.md).
+        block_evaluations: Count of block forwards run so far (a plain counter; tests and benchmarks read it).
+        memory_blocks: (declaration for memory strategies) ModuleLists whose blocks may be streamed one by one.
+        memory_high_precision: (declaration) Submodules storage-dtype strategies (fp8) leave in the compute dtype:
+            the small input/output projections and the timestep MLP, where quantization error is least diluted.
     """
+
+    memory_blocks: tuple[str, ...] = ("transformer_blocks",)
+    memory_high_precision: tuple[str, ...] = ("img_in", "txt_in", "time_text_embed", "norm_out", "proj_out")
 
     def __init__(self, params: DiTParams) -> None:
         super().__init__()
@@ -465,6 +518,10 @@ class QwenImageDiT(nn.Module):
         self.proj_out = nn.Linear(width, params.patch_size**2 * params.out_channels)
         self._checkpointing = False
         self._offload_checkpoints = False
+        self.step_cache: StepCache | None = None
+        self.split_padded_batches: bool | None = None
+        self.block_evaluations = 0
+        self._speed_state: Any = None
         # Plain dict, not buffers: a meta-built module must run after state-dict assignment with nothing to re-init.
         self._rope_cache: dict[tuple[Any, ...], Tensor] = {}
 
@@ -477,6 +534,37 @@ class QwenImageDiT(nn.Module):
         """Store all activations again (the default)."""
         self._checkpointing = False
         self._offload_checkpoints = False
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention kernel choice of the blocks (see `attention.BACKENDS`; default "auto")."""
+        return self.transformer_blocks[0].attn.backend if len(self.transformer_blocks) else "auto"
+
+    def set_attention_backend(self, name: str) -> None:
+        """Choose the attention kernel for every block; all choices compute the same function.
+
+        Raises:
+            InputError: `name` is not one of `attention.BACKENDS`.
+        """
+        check_backend(name)
+        for block in self.transformer_blocks:
+            block.attn.backend = name
+
+    def enable_speed(self, profile: str = "auto", **options: Any) -> Any:
+        """Apply a speed profile ("auto", "off", "exact", "fp8", "cache", "fastest"); see `speed.py`.
+
+        Returns:
+            The applied `speed.SpeedState` (its `describe()` gives a plain summary).
+        """
+        from imagezoo.plugins.qwen_image.speed import enable_speed
+
+        return enable_speed(self, profile, **options)
+
+    def disable_speed(self) -> None:
+        """Undo `enable_speed`."""
+        from imagezoo.plugins.qwen_image.speed import disable_speed
+
+        disable_speed(self)
 
     def _dtype(self) -> torch.dtype:
         return self.compute_dtype or self.img_in.weight.dtype
@@ -569,24 +657,82 @@ class QwenImageDiT(nn.Module):
             txt_freqs = self._text_freqs(text_positions.to(device))
 
         mask = self._joint_mask(text_mask, attention_mask, b, n_txt, n_img, device)
+        if not torch.is_grad_enabled():
+            # Linear outputs of 3-D inputs are views, and compiled blocks guard on view bases: without this the
+            # first block would compile a variant of its own. detach() drops the base for free (no autograd here).
+            img, txt = img.detach(), txt.detach()
 
         use_ckpt = self._checkpointing and torch.is_grad_enabled()
         offload = use_ckpt and self._offload_checkpoints
         ctx = (
             torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if offload else contextlib.nullcontext()
         )
-        last = len(self.transformer_blocks) - 1
         with ctx:
-            for i, block in enumerate(self.transformer_blocks):
-                # The last block's text output feeds nothing: skip its projection and MLP (same image result).
-                args = (img, txt, temb_act, img_freqs, txt_freqs, mask, i != last)
-                if use_ckpt:
-                    img, txt = checkpoint(block, *args, use_reentrant=False)
-                else:
-                    img, txt = block(*args)
+            if self.step_cache is not None and not torch.is_grad_enabled():
+                img = self.step_cache(self, img, txt, temb_act, img_freqs, txt_freqs, mask, sigma)
+            else:
+                n_blocks = len(self.transformer_blocks)
+                img, _ = self.run_blocks(0, n_blocks, img, txt, temb_act, img_freqs, txt_freqs, mask)
 
         out = self.proj_out(self.norm_out(img, temb_act))
         return unpack_latents(out, height, width, ps)
+
+    def run_blocks(
+        self,
+        start: int,
+        stop: int,
+        img: Tensor,
+        txt: Tensor,
+        temb_act: Tensor,
+        img_freqs: Tensor,
+        txt_freqs: Tensor,
+        mask: Tensor | tuple[int, ...] | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Run blocks `start` .. `stop - 1` on both streams (block inputs as in `QwenImageBlock.forward`).
+
+        `mask` may also be per-sample text lengths (right padding, from `_joint_mask`): each sample then runs
+        alone on its own real text tokens, unmasked, and its padded text rows come back unchanged. The model's last
+        block skips its text output (it feeds nothing), so after it the text stream is stale.
+        """
+        if isinstance(mask, tuple):
+            # The class's own method, not `self.run_blocks`: a hook shadowing it on the instance (sequence
+            # parallelism) has already wrapped this call and must not wrap each sample again.
+            outs = [
+                QwenImageDiT.run_blocks(
+                    self,
+                    start,
+                    stop,
+                    img[i : i + 1],
+                    # Dense strides (a size-1 batch dim keeps its parent's stride through .contiguous()), so
+                    # compiled blocks see the same layout as for a lone prompt and need no variant of their own.
+                    txt[i : i + 1, :n].clone(memory_format=torch.contiguous_format),
+                    temb_act[i : i + 1],
+                    img_freqs,
+                    txt_freqs[:n],
+                    None,
+                )
+                for i, n in enumerate(mask)
+            ]
+            img = torch.cat([out_img for out_img, _ in outs])
+            txt = torch.cat(
+                [
+                    torch.cat([out_txt, txt[i : i + 1, n:]], 1)
+                    for i, ((_, out_txt), n) in enumerate(zip(outs, mask, strict=True))
+                ]
+            )
+            self.block_evaluations -= max(stop - start, 0) * (len(mask) - 1)  # count a batch's block once
+            return img, txt
+        use_ckpt = self._checkpointing and torch.is_grad_enabled()
+        last = len(self.transformer_blocks) - 1
+        for i in range(start, stop):
+            block = self.transformer_blocks[i]
+            args = (img, txt, temb_act, img_freqs, txt_freqs, mask, i != last)
+            if use_ckpt:
+                img, txt = checkpoint(block, *args, use_reentrant=False)
+            else:
+                img, txt = block(*args)
+        self.block_evaluations += max(stop - start, 0)
+        return img, txt
 
     def _joint_mask(
         self,
@@ -596,8 +742,15 @@ class QwenImageDiT(nn.Module):
         n_txt: int,
         n_img: int,
         device: torch.device,
-    ) -> Tensor | None:
-        """Boolean SDPA mask over [text, image], or None when nothing is masked (lets SDPA use flash kernels)."""
+    ) -> Tensor | tuple[int, ...] | None:
+        """What the blocks attend with: None (nothing masked), per-sample text lengths, or a boolean key mask.
+
+        Right-padded text in inference with `split_padded_batches` (default: on CUDA under "auto" attention) gives
+        the per-sample lengths:
+        `run_blocks` then runs each sample alone on its real tokens with dense attention, which on GPUs beats every
+        masked kernel (masked attention runs at a third of the dense speed on an H100, docs/speed.md). Otherwise a
+        (B, 1, 1, L+S) key mask over [text, image], or the caller's full `attention_mask`.
+        """
         n = n_txt + n_img
         if attention_mask is not None:
             ok = (
@@ -617,8 +770,17 @@ class QwenImageDiT(nn.Module):
         if text_mask.shape != (b, n_txt):
             raise InputError(f"text_mask must have shape ({b}, {n_txt}), got {tuple(text_mask.shape)}.")
         text_mask = text_mask.to(device=device, dtype=torch.bool)
-        if bool(text_mask.all()):  # one host sync, repaid by the faster unmasked attention kernel
+        lengths = text_mask.sum(dim=1)
+        is_prefix = (text_mask == (torch.arange(n_txt, device=device) < lengths[:, None])).all()
+        # One host sync for both facts, repaid by dense attention kernels.
+        *counts, prefix = torch.cat([lengths, is_prefix.reshape(1).long()]).tolist()
+        if min(counts) == n_txt:
             return None
+        split = self.split_padded_batches
+        if split is None:  # the default: where dense-per-sample was measured to beat masked kernels
+            split = device.type == "cuda" and self.attention_backend == "auto"
+        if split and prefix and min(counts) > 0 and not torch.is_grad_enabled():
+            return tuple(int(c) for c in counts)
         keys = torch.cat([text_mask, text_mask.new_ones(b, n_img)], dim=1)
         return keys[:, None, None, :]
 

@@ -43,6 +43,13 @@ class QwenDenoiser:
             attention_mask=extras.get("attention_mask"),
         )
 
+    def enable_sequence_parallel(self, sequence: Any) -> Any:
+        """Split each DiT forward's image tokens over `sequence` (an `imagezoo.parallel.SequenceGroup`; Ulysses,
+        see `parallel.py`); returns the undo function. Used by `imagezoo.parallel.ParallelPipeline`."""
+        from imagezoo.plugins.qwen_image.parallel import enable_sequence_parallel
+
+        return enable_sequence_parallel(self.dit, sequence)
+
 
 class QwenImageFamily:
     """The `qwen_image` model family: MMDiT + Qwen2.5-VL text encoder + causal 3D-conv VAE."""

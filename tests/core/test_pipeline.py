@@ -218,3 +218,21 @@ def test_model_config_needs_exactly_one_source():
         ModelConfig()
     with pytest.raises(InputError, match="only one"):
         ModelConfig(path="x.safetensors", model_id="a/b")
+
+
+def test_load_with_placement_strategy_builds_on_host(models_dir, monkeypatch):
+    from imagezoo.pipeline import Pipeline
+
+    seen = {}
+    original = Pipeline.from_registry.__func__
+
+    def recording(cls, model_id, **kwargs):
+        seen.update(kwargs)
+        return original(cls, model_id, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "from_registry", classmethod(recording))
+    pipe = imagezoo.load("tiny", torch_dtype=torch.float32, local_model_path=models_dir, memory=["offload"])
+    assert seen["build_device"] == "cpu" and [s.name for s in pipe.memory_strategies] == ["offload"]
+    seen.clear()
+    imagezoo.load("tiny", torch_dtype=torch.float32, local_model_path=models_dir, memory=["fp8"])
+    assert "build_device" not in seen  # a storage-dtype strategy alone leaves the weights where they compute
