@@ -47,6 +47,7 @@ from imagezoo.plugins.qwen_image import speed
 from imagezoo.plugins.qwen_image.dit import REAL_DIT, TINY_DIT, DiTParams, QwenImageDiT, pack_latents, unpack_latents
 from imagezoo.plugins.qwen_image.family import QwenDenoiser
 from imagezoo.plugins.qwen_image.text_encoder import REAL_TEXT_ENCODER, TINY_TEXT_ENCODER, QwenTextEncoder
+from imagezoo.plugins.qwen_image.tiny import SCHEDULER_CONFIG
 from imagezoo.plugins.qwen_image.tokenizer import load_tokenizer, write_offline_tokenizer
 from imagezoo.plugins.qwen_image.vae import REAL_VAE, TINY_VAE, QwenImageVAE
 
@@ -62,23 +63,6 @@ PROMPT = (
     "35mm film photograph, shallow depth of field, high detail, calm and nostalgic mood"
 )
 NEGATIVE = " "
-# Qwen/Qwen-Image scheduler/scheduler_config.json
-SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
