@@ -91,6 +91,22 @@ def test_state_changes_are_replayed_on_the_workers(spawned, models_dir):
     assert spawned(**CFG_CALL, progress_bar_cmd=_silent).shape == (1, 16, 16, 16)
 
 
+def test_memory_strategies_apply_on_every_rank(spawned, models_dir, tiny_pipe):
+    # FP8 storage of the DiT on each GPU: the split CFG batch must equal one process with the same strategy. Rank 1
+    # computes the negative half, so without the strategy there the result would carry the plain model's values.
+    reference = Pipeline.from_registry("tiny", device="cpu", torch_dtype=torch.float32, local_model_path=models_dir)
+    reference.enable_memory(["fp8"], components=["dit"])
+    spawned.enable_memory(["fp8"], components=["dit"])
+    try:
+        expected = reference(**CFG_CALL, progress_bar_cmd=_silent)
+        plain = tiny_pipe(**CFG_CALL, progress_bar_cmd=_silent)
+        assert torch.max(torch.abs(expected - plain)).item() > 1e-3  # FP8 visibly changes the result
+        torch.testing.assert_close(spawned(**CFG_CALL, progress_bar_cmd=_silent), expected, rtol=1e-4, atol=1e-5)
+    finally:
+        spawned.disable_memory()
+    torch.testing.assert_close(spawned(**CFG_CALL, progress_bar_cmd=_silent), plain, rtol=1e-4, atol=1e-5)
+
+
 def test_rank_zero_alone_keeps_the_text_encoder_and_vae(spawned):
     assert {"dit", "text_encoder", "vae"} <= set(spawned.components.modules)
     assert is_main_process(spawned) and spawned.is_main
