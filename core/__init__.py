@@ -68,6 +68,7 @@ def load(
     skip_download: bool = False,
     gpus: int | None = None,
     parallel: str = "auto",
+    build_on_host: bool | None = None,
     **memory_options: Any,
 ) -> Pipeline:
     """Load a registered model by ID or alias (no file patterns needed).
@@ -82,6 +83,8 @@ def load(
         gpus: Run each generation on this many processes, one per GPU (`imagezoo.parallel`): under torchrun /
             accelerate launch the launcher's ranks, otherwise workers this call spawns. None: one process.
         parallel: How several GPUs share a generation: "auto", "sp" (sequence) or "cfg" (docs/parallel.md).
+        build_on_host: Load the weights in host memory (for memory strategies applied later); default: when
+            `memory` names a placement strategy (offload, stream, disk).
         **memory_options: Passed to `Pipeline.enable_memory` (e.g. `vram_limit=12`).
     """
     import torch
@@ -95,14 +98,13 @@ def load(
         builder, options = ParallelPipeline, {"gpus": gpus, "parallel": parallel}
     else:
         builder = Pipeline
-    if memory:
-        from imagezoo.memory import STAGE_PLACEMENT, stage_of
+    if build_on_host is None and memory:
+        from imagezoo.memory import places_weights
         from imagezoo.plugin_manager import get_kernel
 
-        strategies = get_kernel().memory_strategies
-        # Placement strategies take the weights to the device themselves: load on the host so they never have to fit.
-        if any(stage_of(strategies.get(name).value) == STAGE_PLACEMENT for name in memory):
-            options["build_device"] = "cpu"
+        build_on_host = places_weights(memory, get_kernel().memory_strategies)
+    if build_on_host:
+        options["build_device"] = "cpu"
     pipe = builder.from_registry(
         model_id,
         device=device,

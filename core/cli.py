@@ -84,7 +84,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     import imagezoo
+    from imagezoo.memory import places_weights
     from imagezoo.parallel import is_main_process
+    from imagezoo.plugin_manager import get_kernel
     from imagezoo.run_config import generate_config, lora_specs
 
     overrides = {
@@ -152,6 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch_dtype=getattr(torch, dtype_name),
         local_model_path=config.local_model_path,
         skip_download=config.skip_download,
+        build_on_host=places_weights(config.memory, get_kernel().memory_strategies),
         **({"gpus": config.gpus, "parallel": config.parallel} if config.gpus is not None else {}),
     )
     # LoRAs go on before memory strategies, so the strategies see (and may move) the final weights.

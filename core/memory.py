@@ -204,6 +204,15 @@ def stage_of(strategy: Any) -> int:
     return int(getattr(strategy, "stage", STAGE_PLACEMENT))
 
 
+def places_weights(names: Sequence[str], table: Any) -> bool:
+    """Whether any of the named strategies (looked up in the kernel's memory-strategy `table`) is a placement one.
+
+    Placement strategies take the weights to the device themselves, so a pipeline that will get one is loaded on the
+    host: a model larger than the GPU then never has to fit there first.
+    """
+    return any(stage_of(table.get(name).value) == STAGE_PLACEMENT for name in names)
+
+
 def _targets(strategy: Any, pipeline: Any) -> set[str]:
     resolve = getattr(strategy, "targets", None)
     if resolve is None:

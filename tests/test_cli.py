@@ -127,3 +127,37 @@ def test_download_fetches_each_component_once(tmp_path, monkeypatch, capsys, tin
     assert cli.main(args) == 0  # everything present and complete: no second download
     assert len(calls) == 4
     assert "transformer" in capsys.readouterr().out
+
+
+def test_generate_with_placement_strategy_loads_on_host(models_dir, tmp_path, monkeypatch):
+    import imagezoo
+
+    seen = {}
+    original = imagezoo.load
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(imagezoo, "load", recording)
+    args = [
+        "generate",
+        "--model",
+        "tiny",
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "a.png"),
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--local-model-path",
+        str(models_dir),
+        "--device",
+        "cpu",
+    ]
+    assert cli.main([*args, "--memory", "offload"]) == 0 and seen["build_on_host"] is True
+    assert cli.main([*args, "--memory", "fp8"]) == 0 and seen["build_on_host"] is False
