@@ -20,10 +20,8 @@ documentation does for each memory level; its models are built the same way (ran
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -37,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import versions, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 1024**3
@@ -414,18 +413,6 @@ def run_case(args: argparse.Namespace, impl: str, case: str) -> dict[str, Any]:
 # orchestration
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    if torch.cuda.is_available():
-        out["cuda"] = str(torch.version.cuda)
-    for package in ("transformers", "diffsynth", "imagezoo"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = "source tree" if package == "imagezoo" else "absent"
-    return out
-
-
 def worker(args: argparse.Namespace) -> int:
     impl, case = args.worker
     try:
@@ -540,13 +527,12 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, rows: list[d
         "name": "memory",
         "gpu": gpu,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "versions": versions(),
+        "versions": versions("transformers", "diffsynth", "imagezoo"),
         "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/memory.py", *(argv or sys.argv[1:])]),
         "settings": {"size": args.size, "steps": args.steps, "timed_steps": max(1, args.steps - 1), "cfg": args.cfg},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Rank 0 writes `benchmarks/results/parallel.json` (`parallel_tiny.json` with `--t
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import itertools
 import json
 import logging
@@ -46,6 +45,7 @@ for _key, _value in {
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from report import versions, write_json  # noqa: E402
 
 from imagezoo.interfaces import Components  # noqa: E402
 from imagezoo.parallel import ParallelPipeline, init_distributed  # noqa: E402
@@ -166,22 +166,6 @@ def _nccl_version() -> str | None:
     return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
-def _versions() -> dict[str, Any]:
-    try:
-        imagezoo_version = importlib.metadata.version("imagezoo")
-    except importlib.metadata.PackageNotFoundError:
-        import imagezoo
-
-        imagezoo_version = imagezoo.__version__
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "nccl": _nccl_version(),
-        "imagezoo": imagezoo_version,
-    }
-
-
 def _row(gpus: int, mode: str, size: int, steps: int, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
     ms_full = result["ms"] + (FULL_STEPS - steps) * result["s_per_step"] * 1000
     return {
@@ -253,15 +237,14 @@ def main(argv: list[str] | None = None) -> int:
             "name": "parallel",
             "gpu": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(),
+            "versions": {**versions("imagezoo"), "nccl": _nccl_version()},
             "command": f"torchrun --nproc_per_node {env.world_size} " + shlex.join(sys.argv),
             "world_size": env.world_size,
             "dtype": str(dtype).removeprefix("torch."),
             "cfg_scale": args.cfg,
             "rows": rows,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
         for row in rows:
             print(json.dumps(row))
         print(f"wrote {args.out}")

@@ -21,7 +21,6 @@ Sections (`--sections`, default all):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
 import importlib.metadata
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from report import versions, write_json
 
 from imagezoo.interfaces import Components
 from imagezoo.plugins.qwen_image import speed
@@ -62,6 +62,7 @@ PROMPT = (
     "wait', shelves of pocket watches, a map of the old town pinned to the wall, warm colours, soft shadows, "
     "35mm film photograph, shallow depth of field, high detail, calm and nostalgic mood"
 )
+
 NEGATIVE = " "
 
 
@@ -766,17 +767,6 @@ def guarded(rec: Recorder, name: str, fn: Callable[..., Any], *args: Any) -> Any
         return None
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("imagezoo", "diffusers", "transformers", "triton"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[name] = importlib.metadata.version(name)
-    if torch.cuda.is_available():
-        out["cuda"] = str(torch.version.cuda)
-        out["cudnn"] = str(torch.backends.cudnn.version())
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -828,15 +818,14 @@ def main(argv: list[str] | None = None) -> int:
         "name": "speed",
         "gpu": gpu,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "versions": versions(),
+        "versions": versions("imagezoo", "diffusers", "transformers", "triton"),
         "command": shlex.join(
             ["python", "benchmarks/speed.py", *_without_out(argv if argv is not None else sys.argv[1:])]
         ),
         "total_s": round(time.perf_counter() - started, 1),
         "rows": rec.rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_json(args.out, result)
     print(f"wrote {args.out} ({len(rec.rows)} rows, {result['total_s']} s)")
     return 0
 

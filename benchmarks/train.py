@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from report import versions, write_json
 from safetensors.torch import save_file
 
 from imagezoo.interfaces import Components
@@ -388,21 +389,6 @@ def run_diffsynth(
 # ------------------------------------------------------------------------------------------------ main
 
 
-def versions() -> dict[str, str | None]:
-    info: dict[str, str | None] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "imagezoo": importlib.metadata.version("imagezoo"),
-    }
-    for name in ("accelerate", "diffsynth", "peft", "transformers"):
-        try:
-            info[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            info[name] = None
-    return info
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = f"{'impl':<10} {'case':<26} {'s/step':>8} {'peak GiB':>9}"
     print(header)
@@ -453,12 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         "name": "train",
         "gpu": gpu,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
+        "versions": versions("imagezoo", "accelerate", "diffsynth", "peft", "transformers"),
         "command": shlex.join(["python", *sys.argv]),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -49,13 +49,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import itertools
 import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -71,6 +69,8 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from report import versions, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -477,19 +477,6 @@ def measured_row(
     return row
 
 
-def versions() -> dict[str, str | None]:
-    import torch
-
-    info: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
-                                   "cuda": torch.version.cuda}  # fmt: skip
-    for name in ("imagezoo", "accelerate", "transformers", "safetensors"):
-        try:
-            info[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            info[name] = None
-    return info
-
-
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -511,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         "name": "train_fsdp",
         "gpu": None,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
+        "versions": versions("imagezoo", "accelerate", "transformers", "safetensors"),
         "command": shlex.join(["python", *(sys.argv if argv is None else ["benchmarks/train_fsdp.py", *argv])]),
         "setup": {
             "smoke": args.smoke,
@@ -543,8 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
 
     def timeout(reserve: float = 5.0) -> float | None:
         left = deadline.left()

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
-import json
 import platform
 import shlex
 import statistics
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import versions, write_json
 
 from imagezoo.plugins.qwen_image.vae import REAL_VAE, TINY_VAE, QwenImageVAE, VAEParams
 
@@ -183,19 +182,6 @@ def run_case(case: dict[str, Any], vae: QwenImageVAE, ref: torch.nn.Module | Non
     return row
 
 
-def versions(args: argparse.Namespace) -> dict[str, str | None]:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
-        "imagezoo": importlib.metadata.version("imagezoo"),
-    }
-    if args.diffusers:
-        info["diffusers"] = importlib.metadata.version("diffusers")
-    return info
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = f"{'impl':<10} {'op':<7} {'size':>11} {'tiling':>10} {'peak GiB':>9} {'ms':>10}"
     print(header)
@@ -222,12 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         "name": "vae_tiling",
         "gpu": gpu,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(args),
+        "versions": versions("imagezoo", *(["diffusers"] if args.diffusers else [])),
         "command": shlex.join(["python", *sys.argv]),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 
