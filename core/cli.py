@@ -84,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     import imagezoo
+    from imagezoo.images import numbered_paths
     from imagezoo.memory import places_weights
     from imagezoo.parallel import is_main_process
     from imagezoo.plugin_manager import get_kernel
@@ -189,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    paths = numbered_paths(out, len(images))
     for image, path in zip(images, paths, strict=True):
         image.save(path)
         print(f"wrote {path} ({image.width}x{image.height})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -34,3 +36,8 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 def tensor_to_float_array(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] to (B, H, W, 3) float32 in [0, 1] (diffusers' "np" output)."""
     return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def numbered_paths(out: Path, count: int) -> list[Path]:
+    """`out` for one image; `name-0.png`, `name-1.png`, ... beside it for several."""
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]

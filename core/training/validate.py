@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from imagezoo.errors import InputError
+from imagezoo.images import numbered_paths
 from imagezoo.pipeline import Pipeline
 from imagezoo.state_dict import check_state_dict
 from imagezoo.weights import load_safetensors
@@ -79,7 +80,7 @@ def run_validate(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts = list(args.prompt)
-    paths = [out] if len(prompts) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(prompts))]
+    paths = numbered_paths(out, len(prompts))
     for prompt, path in zip(prompts, paths, strict=True):
         image = pipe(
             prompt,
