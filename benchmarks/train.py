@@ -10,12 +10,14 @@ Cases:
 - `imagezoo`: the real `Trainer` (its data loader, cache, accelerate, LoRA layers, AdamW with fp32 LoRA weights and
   gradient clipping), the DiT resident in bf16, blocks not compiled (`--no-compile`). Its cache folder is pre-filled
   with the random inputs.
-- `imagezoo-stream-K`: the same with the frozen Linear weights of K of the 60 blocks streamed from pinned CPU memory
-  (`--offload_frozen_blocks K`; K = 60 is the low-memory mode).
+- `imagezoo-stream-K` (or `imagezoo-streamK`): the same with the frozen weights of K evenly spaced blocks of the 60
+  kept in pinned CPU memory, each block copied in (prefetched on a side stream while the blocks before it compute)
+  when used (`--offload_frozen_blocks K`; K = 60 is the low-memory mode).
 - `imagezoo-attn-NAME`, `imagezoo-compile`: with `--attention_backend NAME` (a DiT attention kernel; default `auto`)
   or `--compile` (regional `torch.compile` of the DiT blocks, LoRA hooks traced in; one extra warm-up step; the
   trainer's default on CUDA).
-  Suffixes combine, e.g. `imagezoo-attn-flash-compile`.
+  Suffixes combine, e.g. `imagezoo-attn-flash-compile` or `imagezoo-compile-stream-12` (compiled blocks, 12 of
+  them streamed).
 - `diffsynth`: DiffSynth-Studio's own training pieces on the same DiT tensors: `DiffusionTrainingModule.
   switch_pipe_to_training_mode` (PEFT LoRA, its default dtype), `FlowMatchSFTLoss` on `model_fn_qwen_image` with
   gradient checkpointing, AdamW (weight decay 0.01), the step sequence of its `launch_training_task`.
@@ -78,7 +80,11 @@ logger = logging.getLogger("benchmarks.train")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, 2 blocks, 128x128, fp32: checks the script runs")
-    parser.add_argument("--cases", default="imagezoo,imagezoo-compile,diffsynth,imagezoo-stream-12,imagezoo-stream-60")
+    parser.add_argument(
+        "--cases",
+        default="imagezoo,imagezoo-compile,diffsynth,imagezoo-stream-12,imagezoo-compile-stream-12,"
+        "imagezoo-compile-stream-60",
+    )
     parser.add_argument("--size", type=int, help="image side in pixels (default 1024; smoke 128)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)
@@ -216,7 +222,7 @@ def peak_gib(device: torch.device) -> float | None:
 
 
 def parse_case(case: str) -> dict[str, Any]:
-    """`imagezoo[-stream-K][-attn-NAME][-compile]` -> trainer options."""
+    """`imagezoo[-stream-K|-streamK][-attn-NAME][-compile]` (any order) -> trainer options."""
     parts = case.split("-")
     options: dict[str, Any] = {"offload_frozen_blocks": 0, "attention_backend": None, "compile": False}
     i = 1
@@ -224,6 +230,9 @@ def parse_case(case: str) -> dict[str, Any]:
         if parts[i] == "stream":
             options["offload_frozen_blocks"] = int(parts[i + 1])
             i += 2
+        elif parts[i].startswith("stream") and parts[i][len("stream") :].isdigit():
+            options["offload_frozen_blocks"] = int(parts[i][len("stream") :])
+            i += 1
         elif parts[i] == "attn":
             options["attention_backend"] = parts[i + 1]
             i += 2
@@ -247,33 +256,38 @@ def run_imagezoo(
     config = train_config(args, work, name, dtype, max_steps=warmup + timed + 1, **options)
     pipe = make_pipeline(dit, device, dtype)
     clock = Clock(device)
-    losses: list[float] = []
     # A mark before each optimizer step: intervals between marks are whole steps (forward, backward, update, data).
     trainer = Trainer(config, pipeline=pipe, grad_callback=lambda step, module: clock.mark())
     fill_cache(trainer, config, args, dit.params.text_dim, dtype)
     reset_peak(device)
     start = time.perf_counter()
-    result = trainer.run()
-    losses = result.losses
-    row = {
-        "impl": "imagezoo",
-        "case": {
-            **case_info(args, name, stream),
-            "attention": options["attention_backend"] or "auto",
-            "compile": options["compile"],
-        },
-        **clock.summary(warmup),
-        "peak_vram_gib": peak_gib(device),
-        "steps_timed": timed,
-        "loss_finite": bool(np.isfinite(losses).all()),
-        "wall_s": time.perf_counter() - start,
-    }
-    remove_lora(dit)
-    if options["compile"]:
-        from imagezoo.plugins.qwen_image.speed import uncompile_blocks
+    try:
+        result = trainer.run()
+        row = {
+            "impl": "imagezoo",
+            "case": {
+                **case_info(args, name, stream),
+                "attention": options["attention_backend"] or "auto",
+                "compile": options["compile"],
+            },
+            **clock.summary(warmup),
+            "peak_vram_gib": peak_gib(device),
+            "steps_timed": timed,
+            "loss_finite": bool(np.isfinite(result.losses).all()),
+            "wall_s": time.perf_counter() - start,
+        }
+        if trainer.streamer is not None:
+            row["stream_stats"] = dict(trainer.streamer.stats)
+    finally:
+        # Leave the DiT as the next case expects it: plain blocks, every weight on the device, no LoRA.
+        if trainer.streamer is not None:
+            trainer.streamer.remove()
+        remove_lora(dit)
+        if options["compile"]:
+            from imagezoo.plugins.qwen_image.speed import uncompile_blocks
 
-        uncompile_blocks(dit)
-    dit.set_attention_backend("auto")
+            uncompile_blocks(dit)
+        dit.set_attention_backend("auto")
     del trainer, pipe, result
     return row
 
@@ -414,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     dit = random_dit(params, device, dtype)
     rows = []
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    # Resident cases first; streaming ones then start from the DiT in CPU memory (they leave it there).
+    # Resident cases first: streaming ones start from the DiT in CPU memory (as the trainer loads it for them) and
+    # end with it back on the GPU, so this order moves it least.
     cases.sort(key=lambda c: parse_case(c)["offload_frozen_blocks"] if c.startswith("imagezoo") else 0)
     for case in cases:
         t0 = time.perf_counter()

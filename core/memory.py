@@ -7,6 +7,8 @@ code. This module holds what every strategy needs and what the kernel checks bef
 - `Slot`: one parameter or buffer of one module, read and written without breaking `nn.Parameter` identity.
 - `find_blocks` / `high_precision_names`: what a component declares strategies may touch (`memory_blocks`,
   `memory_high_precision` class attributes), with fallbacks for modules that declare nothing (transformers models).
+- `pinned_host_buffer` / `release_pinned_host_buffer`: exact-size page-locked host memory for weights that are
+  copied to the GPU while it computes.
 - `check_combination`: strategies apply in a declared order (storage dtype first, then placement) and at most one
   of each kind per component; anything else is an `InputError` naming the clash.
 """
@@ -14,6 +16,7 @@ code. This module holds what every strategy needs and what the kernel checks bef
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +26,8 @@ import torch
 from torch import nn
 
 from imagezoo.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 STAGE_DTYPE = 10
@@ -98,6 +103,53 @@ def module_slots(module: nn.Module, skip: Iterable[nn.Module] = ()) -> list[tupl
 def tensor_nbytes(tensor: torch.Tensor) -> int:
     """Bytes of the tensor's elements."""
     return tensor.numel() * tensor.element_size()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pinned host buffers
+
+# Data pointers of the buffers page-locked by `pinned_host_buffer` through cudaHostRegister (they need unregistering).
+_REGISTERED: set[int] = set()
+
+
+def pinned_host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """A flat uint8 host buffer of exactly `nbytes`, page-locked when `pin` (so copies to a CUDA device are async).
+
+    Pinned through `cudaHostRegister` on an ordinary allocation: `pin_memory=True` goes through PyTorch's caching host
+    allocator, which rounds every block up to a power of two (a 0.68 GB DiT block takes 1 GB of RAM). If registering
+    fails, the buffer comes from that allocator instead, with a warning. Give it back with
+    `release_pinned_host_buffer`.
+
+    Args:
+        nbytes: Size in bytes.
+        pin: Page-lock the buffer; ignored where CUDA is not available (nothing could use the pinning).
+
+    Raises:
+        InputError: `nbytes` is negative.
+    """
+    if nbytes < 0:
+        raise InputError(f"nbytes={nbytes!r} must be >= 0.")
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    # cudaHostRegister refuses empty ranges; an empty buffer is never copied from anyway.
+    if not pin or nbytes == 0 or not torch.cuda.is_available():
+        return buffer
+    error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+    if int(getattr(error, "value", error)) == 0:
+        _REGISTERED.add(buffer.data_ptr())
+        return buffer
+    logger.warning("cudaHostRegister of %d bytes failed (%s); using PyTorch's pinned allocator instead.", nbytes, error)
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def release_pinned_host_buffer(buffer: torch.Tensor) -> None:
+    """Unregister a buffer `pinned_host_buffer` page-locked (a no-op for any other tensor).
+
+    Call once no copy from it is in flight (synchronize the device first); drop the tensor afterwards, which frees it.
+    """
+    ptr = buffer.data_ptr()
+    if ptr in _REGISTERED:
+        _REGISTERED.discard(ptr)
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -195,8 +195,14 @@ class TrainConfig(BaseModel):
             raise ValueError("--cache_latents cannot be used while training the vae")
         if self.offload_frozen_blocks and self.lora_base_model != "dit":
             raise ValueError("--offload_frozen_blocks streams the frozen DiT weights; it needs --lora_base_model dit")
-        if self.offload_frozen_blocks and self.compile:
-            raise ValueError("--compile cannot be combined with --offload_frozen_blocks (streamed layers run eagerly)")
+        if self.offload_frozen_blocks and not (
+            self.use_gradient_checkpointing or self.use_gradient_checkpointing_offload
+        ):
+            raise ValueError(
+                f"--offload_frozen_blocks {self.offload_frozen_blocks} needs --use_gradient_checkpointing (or "
+                "--use_gradient_checkpointing_offload): without recomputation autograd keeps every block's weights "
+                "until backward, so no block could leave the GPU"
+            )
         return self
 
     # ------------------------------------------------------------------ derived values
@@ -265,7 +271,11 @@ _SEED_HELP = {
     "cache_text_embeddings": "encode every prompt once before training; the text encoder leaves the GPU",
     "cache_latents": "encode every image once before training; the VAE leaves the GPU",
     "cache_dir": "keep the caches on disk (shared by processes, reused by later runs)",
-    "offload_frozen_blocks": "LoRA: stream the frozen weights of N DiT blocks (-1 = all) from CPU memory",
+    "offload_frozen_blocks": (
+        "LoRA: keep the frozen weights of N evenly spaced DiT blocks (-1 = all) in pinned CPU memory, each block "
+        "copied in (prefetched during the blocks before it) when used; needs --use_gradient_checkpointing; works "
+        "with --compile"
+    ),
     "attention_backend": "DiT attention kernel (auto, sdpa, cudnn, flash, ...; all exact)",
     "compile": "regional torch.compile of the DiT blocks (exact; default on CUDA GPUs; compiles in the first step)",
     "resume_from": "continue from an output_path's latest state (or a training_state/step-N folder)",

@@ -44,7 +44,7 @@ from imagezoo.training.checkpoint import (
 from imagezoo.training.config import TrainConfig
 from imagezoo.training.dataset import BucketBatchSampler, ImageDataset, collate, load_rows
 from imagezoo.training.lora import export_lora, inject_lora, to_opensource
-from imagezoo.training.offload import STREAMED_ATTR, stream_frozen_linears
+from imagezoo.training.offload import BlockStreamer
 from imagezoo.training.schedule import FlowMatchObjective, lr_lambda, sample_generator
 
 logger = logging.getLogger(__name__)
@@ -231,16 +231,14 @@ def _family_of(pipeline: Pipeline) -> tuple[str, Any]:
     return name, kernel.families.get(name).value
 
 
-def _move_except_streamed(module: nn.Module, device: torch.device) -> None:
-    """`module.to(device)` that leaves weights already streamed from CPU memory where they are."""
+def _move_except_streamed(module: nn.Module, device: torch.device, streamer: BlockStreamer) -> None:
+    """`module.to(device)` that leaves the weights `streamer` keeps in host memory there."""
     for sub in module.modules():
-        if getattr(sub, STREAMED_ATTR, False):
-            continue
-        for param in sub.parameters(recurse=False):
-            if param.device != device:
+        for name, param in sub.named_parameters(recurse=False):
+            if param.device != device and not streamer.is_streamed(sub, name):
                 param.data = param.data.to(device)
         for name, buf in list(sub.named_buffers(recurse=False)):
-            if buf.device != device:
+            if buf.device != device and not streamer.is_streamed(sub, name):
                 sub._buffers[name] = buf.to(device)
 
 
@@ -274,7 +272,14 @@ class Trainer:
         grad_callback: Called as `grad_callback(step, module)` once the gradients of optimizer step `step` (1-based)
             are complete (accumulated and synchronized across processes, not yet clipped), before the update;
             `module` is the unwrapped `TrainingModule`. Raising `KeyboardInterrupt` there stops training like Ctrl-C.
+
+    Attributes:
+        streamer: With `--offload_frozen_blocks`, the `BlockStreamer` of the DiT's blocks (set by `run`). It stays
+            applied after the run, so the pipeline keeps working within the same GPU memory; its `remove()` puts
+            the streamed weights back on the device.
     """
+
+    streamer: BlockStreamer | None = None
 
     def __init__(
         self,
@@ -420,14 +425,6 @@ class Trainer:
                     name, modules[name], enabled=True, offload=config.use_gradient_checkpointing_offload
                 )
             modules[name].train()
-        # Streamed layers run eagerly (their weights move per call), and compiled FSDP units are untested: no compile.
-        compile_choice = False if (config.offload_frozen_blocks or self.is_fsdp) else config.compile
-        adapter.configure_speed(
-            adapter.denoiser_name,
-            modules[adapter.denoiser_name],
-            attention=config.attention_backend,
-            compile=compile_choice,
-        )
 
         bucketed = config.height is None and config.batch_size > 1
         dataset = ImageDataset(
@@ -458,10 +455,23 @@ class Trainer:
 
         if streaming:
             blocks = list(adapter.blocks(adapter.denoiser_name, modules[adapter.denoiser_name]))
-            count = len(blocks) if config.offload_frozen_blocks < 0 else min(config.offload_frozen_blocks, len(blocks))
-            stream_frozen_linears(blocks[:count])
+            if not blocks:
+                raise ConfigError(
+                    f"--offload_frozen_blocks {config.offload_frozen_blocks}: the {adapter.denoiser_name} has no "
+                    "blocks to stream (its family's training adapter lists none); leave the option out."
+                )
+            # Kept for the whole run and after it: validation images run the same streamed blocks.
+            self.streamer = BlockStreamer(blocks, config.offload_frozen_blocks, self.device)
             for module in step_modules.values():
-                _move_except_streamed(module, self.device)
+                _move_except_streamed(module, self.device, self.streamer)
+        # After the move, so that `compile=None` sees the device the DiT runs on (a streamed DiT is loaded on the
+        # CPU). Compiled FSDP units are untested: no compile there.
+        adapter.configure_speed(
+            adapter.denoiser_name,
+            modules[adapter.denoiser_name],
+            attention=config.attention_backend,
+            compile=False if self.is_fsdp else config.compile,
+        )
 
         objective = FlowMatchObjective.default()
         model = TrainingModule(

@@ -193,7 +193,8 @@ def _grads(make_dataset, fresh_tiny, tmp_path, **settings):
     [
         {"use_gradient_checkpointing": True},
         {"use_gradient_checkpointing": True, "use_gradient_checkpointing_offload": True},
-        {"offload_frozen_blocks": -1},
+        {"offload_frozen_blocks": -1, "use_gradient_checkpointing": True},
+        {"offload_frozen_blocks": 1, "use_gradient_checkpointing": True},
         {"cache_text_embeddings": True, "cache_latents": True},
         {"attention_backend": "math"},
     ],
