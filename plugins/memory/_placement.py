@@ -5,15 +5,21 @@ Each managed component (DiT, text encoder, VAE) is split into *units*: one per b
 *home* outside the compute device: a packed host buffer (pinned when the device is CUDA) or, for disk streaming, the
 safetensors files. While a unit is not loaded, its parameters point at that home (host views, or zero-storage
 placeholders for disk). Loading copies the whole unit into one device buffer and points the parameters at views of
-it; unloading points them back, which frees the device copy (weights are read-only during inference, so nothing is
-ever copied back).
+it; unloading points them back (weights are read-only during inference, so nothing is ever copied back).
 
 - A component is *activated* by a pre-forward hook on it (and on its direct children, for components that are used
-  through methods such as `vae.decode`): its rest unit and resident blocks are loaded, and other components are
-  evicted first when the budget (or `exclusive` mode) says so.
-- Blocks that do not fit the budget are *streamed*: loaded in their own pre-forward hook and dropped in their
-  post-forward hook. The next streamed block is prefetched on a worker thread and a side CUDA stream while the
-  current block computes, so at most two streamed blocks are on the device at once.
+  through methods such as `vae.decode`): its rest unit and resident blocks are loaded into buffers of their own, and
+  other components are evicted first when the budget (or `exclusive` mode) says so.
+- Blocks that do not fit the budget are *streamed* through two fixed device buffers per component, allocated once
+  (the size of the largest streamed block): a block is loaded by its own pre-forward hook and stays until the
+  prefetch of a later block takes its buffer, so a block that runs once per sample of a batch (block-major per-sample
+  execution, see `memory_split_batches`) is loaded once. The next streamed block is prefetched on a worker thread and
+  a side CUDA stream into the other buffer while the current block computes. After the component's forward its
+  streamed blocks point back at their home (a prefetch for the next call may wait in a buffer).
+- Components may declare `memory_split_batches(enabled) -> previous` (run batches sample by sample: the activations
+  of one sample at a time), switched on while the strategy is applied, and `memory_activation_bytes(*args,
+  **kwargs) -> int` (peak activation memory of a forward with these inputs): under a `vram_limit`, the blocks kept
+  resident are re-planned to leave that much of the budget free.
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ class _Unit:
     streamed: bool = False
     flat: torch.Tensor | None = None
     pending: Future | None = None
+    buffer: int | None = None
+    """Index of the component's streaming buffer holding this block (loaded or being prefetched), if any."""
 
 
 @dataclass(eq=False)
@@ -96,14 +104,31 @@ class _Component:
     active: bool = False
     last_used: int = 0
     hooks: list[Any] = field(default_factory=list)
+    upcoming: dict[int, _Unit | None] = field(default_factory=dict)
+    """Per block (by id), the streamed block to prefetch while it computes."""
+    buffers: list[torch.Tensor | None] = field(default_factory=lambda: [None, None])
+    buffer_owner: list[_Unit | None] = field(default_factory=lambda: [None, None])
+    buffer_free_at: list[Any] = field(default_factory=lambda: [None, None])
+    """Per streaming buffer: a CUDA event the compute stream records when the block in it is detached."""
+    buffer_used: list[int] = field(default_factory=lambda: [0, 0])
+    activation_bytes: int = 0
+    split_previous: bool | None = None
 
     @property
     def units(self) -> list[_Unit]:
         return [self.rest, *self.blocks]
 
     @property
+    def buffer_nbytes(self) -> int:
+        """Size of each streaming buffer: the largest streamed block (0 when none streams)."""
+        return max((b.nbytes for b in self.blocks if b.streamed), default=0)
+
+    @property
     def resident_bytes(self) -> int:
-        return self.rest.nbytes + sum(b.nbytes for b in self.blocks if not b.streamed)
+        """Device bytes while active: rest, resident blocks and the streaming buffers."""
+        n_streamed = sum(b.streamed for b in self.blocks)
+        streaming = min(2, n_streamed) * self.buffer_nbytes
+        return self.rest.nbytes + sum(b.nbytes for b in self.blocks if not b.streamed) + streaming
 
 
 def plan_resident(
@@ -116,10 +141,11 @@ def plan_resident(
 ) -> list[bool]:
     """Which blocks stay on the device (True) and which are streamed (False) under a byte budget.
 
-    Everything stays when it all fits. Otherwise the budget pays first for the rest unit and for two streamed blocks
-    (the one computing and the one being prefetched); the blocks that still fit stay resident, spread evenly over the
-    sequence so that transfers keep overlapping compute between them. `max_params` caps the parameters of resident
-    blocks (the seed's `num_persistent_param_in_dit`).
+    Everything stays when it all fits. Otherwise the budget pays first for the rest unit and for the two streaming
+    buffers, each the size of the largest streamed block (one computing, one being prefetched; one buffer when a
+    single block streams); the blocks that still fit stay resident, spread evenly over the sequence so that transfers
+    keep overlapping compute between them. `max_params` caps the parameters of resident blocks (the seed's
+    `num_persistent_param_in_dit`).
     """
     n = len(block_bytes)
     params = list(block_params) if block_params is not None else [0] * n
@@ -131,9 +157,8 @@ def plan_resident(
     cap = math.inf if max_params is None else max_params
     for count in range(n - 1, 0, -1):
         chosen = {min(n - 1, int((i + 0.5) * n / count)) for i in range(count)}
-        streamed = sorted((block_bytes[i] for i in range(n) if i not in chosen), reverse=True)
-        # Buffers for the streamed blocks: the one computing and the one prefetched (one if only one streams).
-        needed = rest_bytes + sum(block_bytes[i] for i in chosen) + sum(streamed[:2])
+        streamed = [block_bytes[i] for i in range(n) if i not in chosen]
+        needed = rest_bytes + sum(block_bytes[i] for i in chosen) + min(2, len(streamed)) * max(streamed)
         if (budget is None or needed <= budget) and sum(params[i] for i in chosen) <= cap:
             return [i in chosen for i in range(n)]
     return [False] * n
@@ -146,9 +171,10 @@ class Placement:
 
     Args:
         components: Components to manage (default: all of the pipeline's); the others stay where they are.
-        vram_limit: GB of device memory the managed weights may occupy; `0` means the least possible (only the rest
-            units and two streamed blocks). None: see the subclass.
-        vram_buffer: GB kept free below `vram_limit` for activations and allocator slack.
+        vram_limit: GB of device memory the managed weights and the running component's activations (as it
+            estimates them, `memory_activation_bytes`) may occupy; `0` means the least possible (only the rest units
+            and two streaming buffers). None: see the subclass (activations are then not budgeted).
+        vram_buffer: GB kept free below `vram_limit` as a margin (allocator slack, activations not estimated).
         num_persistent_param_in_dit: At most this many DiT block parameters stay resident (seed option).
         prefetch: Load the next streamed block on a worker thread (and side CUDA stream) during compute.
         exclusive: Only one component on the device at a time (component offload), whatever the budget.
@@ -277,18 +303,15 @@ class Placement:
                 self._pack(unit, index, pin=cuda)
         self.budget = self._budget(pipeline, managed_on_device)
         for comp in self._components.values():
-            resident = plan_resident(
-                [b.nbytes for b in comp.blocks],
-                comp.rest.nbytes,
-                self.budget,
-                block_params=[b.params for b in comp.blocks],
-                max_params=self.num_persistent_param_in_dit if comp.name == "dit" else None,
-            )
-            for block, keep in zip(comp.blocks, resident, strict=True):
-                block.streamed = not keep
+            self._plan(comp, self.budget)
             self._hook(comp)
+            switch = getattr(comp.module, "memory_split_batches", None)
+            if callable(switch):
+                # Offload and streaming are there to save memory: one sample's activations at a time, and every
+                # streamed block loaded once for the whole batch (block-major order, see the component).
+                comp.split_previous = bool(switch(True))
             logger.info(
-                "%s: %s from %s, %.2f GiB resident while active, %d of %d blocks streamed (budget %s).",
+                "%s: %s from %s, %.2f GiB on the device while active, %d of %d blocks streamed (budget %s).",
                 self.name,
                 comp.name,
                 comp.source,
@@ -297,11 +320,37 @@ class Placement:
                 len(comp.blocks),
                 "none" if self.budget is None else f"{self.budget / GIB:.2f} GiB",
             )
-        if any(b.streamed for c in self._components.values() for b in c.blocks) and self.prefetch:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagezoo-prefetch")
         if cuda:
             self._side = torch.cuda.Stream(self._device)
             torch.cuda.empty_cache()  # return the memory of the weights just moved off the device
+
+    def _plan(self, comp: _Component, budget: int | None) -> bool:
+        """Choose which blocks of `comp` stay resident under `budget`; returns whether the choice changed.
+
+        A block whose role changes is detached (it loads the new way at its next use); streaming buffers too small for
+        the new streamed blocks are freed (they are allocated again on first use).
+        """
+        resident = plan_resident(
+            [b.nbytes for b in comp.blocks],
+            comp.rest.nbytes,
+            budget,
+            block_params=[b.params for b in comp.blocks],
+            max_params=self.num_persistent_param_in_dit if comp.name == "dit" else None,
+        )
+        changed = False
+        for block, keep in zip(comp.blocks, resident, strict=True):
+            if block.streamed == keep:
+                self._detach(comp, block)
+                block.streamed = not keep
+                changed = True
+        size = comp.buffer_nbytes
+        if any(buffer is not None and (size == 0 or buffer.numel() < size) for buffer in comp.buffers):
+            self._free_buffers(comp)
+        for position, unit in enumerate(comp.blocks):
+            # The blocks after this one, then wrapping around to the first ones (the next call's start).
+            order = comp.blocks[position + 1 :] + comp.blocks[: position + 1]
+            comp.upcoming[id(unit)] = next((u for u in order if u.streamed), None)
+        return changed
 
     def _entries(self, module: nn.Module, skip: Sequence[nn.Module] = (), prefix: str = "") -> list[_Entry]:
         entries = []
@@ -364,22 +413,55 @@ class Placement:
 
     def _hook(self, comp: _Component) -> None:
         def activate_and_move(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            self._fit_activations(comp, args, kwargs)
             self._activate(comp)
             return tuple(self._to_device(a) for a in args), {k: self._to_device(v) for k, v in kwargs.items()}
 
         def activate(module: nn.Module, args: tuple) -> None:
             self._activate(comp)
 
+        def drop_streamed(module: nn.Module, args: tuple, output: Any) -> None:
+            self._drop_streamed(comp)
+
         # Prepended so placement runs before any storage-dtype hook on the same module (FP8 dequantizes after the
         # weights have arrived on the device).
         comp.hooks.append(comp.module.register_forward_pre_hook(activate_and_move, prepend=True, with_kwargs=True))
+        comp.hooks.append(comp.module.register_forward_hook(drop_streamed, always_call=True))
         for child in comp.module.children():
             comp.hooks.append(child.register_forward_pre_hook(activate, prepend=True))
         for unit in comp.blocks:
             assert unit.module is not None
             comp.hooks.append(unit.module.register_forward_pre_hook(self._pre_block(comp, unit), prepend=True))
-            if unit.streamed:
-                comp.hooks.append(unit.module.register_forward_hook(self._post_block(unit), always_call=True))
+
+    def _fit_activations(self, comp: _Component, args: tuple, kwargs: dict) -> None:
+        """Under a `vram_limit`, re-plan the resident blocks when the component's activation estimate changed."""
+        estimate = getattr(comp.module, "memory_activation_bytes", None)
+        if self.vram_limit is None or self.budget is None or not callable(estimate):
+            return
+        try:
+            needed = max(0, int(estimate(*args, **kwargs)))
+        except (TypeError, ValueError, IndexError, AttributeError) as error:
+            # Inputs the forward will refuse with its own message; keep the current plan.
+            logger.debug("%s: no activation estimate for the %s (%s).", self.name, comp.name, error)
+            return
+        if needed == comp.activation_bytes:
+            return
+        comp.activation_bytes = needed
+        if not self._plan(comp, max(0, self.budget - needed)):
+            return
+        # Its footprint changed: let `_activate` check the other components against the budget again.
+        comp.active = False
+        logger.info(
+            "%s: %s re-planned for %.2f GiB of activations: %d of %d blocks streamed, %.2f GiB of weights on the "
+            "device while active (budget %.2f GiB).",
+            self.name,
+            comp.name,
+            needed / GIB,
+            sum(b.streamed for b in comp.blocks),
+            len(comp.blocks),
+            comp.resident_bytes / GIB,
+            self.budget / GIB,
+        )
 
     def _to_device(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.device != self._device and value.device.type != "meta":
@@ -409,12 +491,16 @@ class Placement:
             torch.cuda.cudart().cudaHostUnregister(unit.host.data_ptr())
         unit.host = None
 
-    def _empty(self, unit: _Unit) -> torch.Tensor:
+    def _empty(self, nbytes: int) -> torch.Tensor:
         # Allocated on the compute stream, outside inference mode (the worker thread writes into it and is not in
         # inference mode). Reusing memory the compute stream freed is then safe in stream order; the side stream
         # waits for the compute stream before writing (see `_prefetch`).
         with torch.inference_mode(False):
-            return torch.empty(unit.nbytes, dtype=torch.uint8, device=self._device)
+            return torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+
+    def _count(self, nbytes: int) -> None:
+        self.stats["device_bytes"] += nbytes
+        self.stats["peak_device_bytes"] = max(self.stats["peak_device_bytes"], self.stats["device_bytes"])
 
     def _fill(self, unit: _Unit, flat: torch.Tensor, stream: torch.cuda.Stream | None) -> torch.Tensor:
         """Copy the whole unit into the device buffer `flat` (enqueued on `stream` on CUDA, done on CPU)."""
@@ -446,33 +532,91 @@ class Placement:
         unit.flat = flat
         for entry in unit.entries:
             entry.slot.set(self._view(flat, entry))
-        self.stats["device_bytes"] += unit.nbytes
-        self.stats["peak_device_bytes"] = max(self.stats["peak_device_bytes"], self.stats["device_bytes"])
+        if unit.buffer is None:  # a streaming buffer is counted once, when allocated
+            self._count(unit.nbytes)
 
-    def _detach(self, unit: _Unit) -> None:
+    def _detach(self, comp: _Component, unit: _Unit) -> None:
         if unit.pending is not None:
-            # A prefetch that will not be used: the compute stream must not reuse its buffer before the copy is done.
+            # A prefetch that will not be used: its buffer must not be reused before the copy is done.
             _, done = unit.pending.result()
             unit.pending = None
             if done is not None:
                 torch.cuda.current_stream(self._device).wait_event(done)
-        if unit.flat is None:
-            return
-        for entry in unit.entries:
-            assert entry.home is not None
-            entry.slot.set(entry.home)
-        unit.flat = None
-        self.stats["device_bytes"] -= unit.nbytes
+        if unit.flat is not None:
+            for entry in unit.entries:
+                assert entry.home is not None
+                entry.slot.set(entry.home)
+            unit.flat = None
+            if unit.buffer is None:
+                self.stats["device_bytes"] -= unit.nbytes  # its own buffer is freed here
+        if unit.buffer is not None:
+            # The compute stream has been given the block's last kernels: a copy into the buffer waits for them.
+            comp.buffer_owner[unit.buffer] = None
+            comp.buffer_free_at[unit.buffer] = self._compute_event()
+            unit.buffer = None
 
-    def _load_now(self, unit: _Unit) -> None:
+    def _compute_event(self) -> torch.cuda.Event | None:
+        if self._device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._device))
+        return event
+
+    def _take_buffer(self, comp: _Component, unit: _Unit, keep: _Unit | None) -> torch.Tensor:
+        """A streaming buffer of `comp` for `unit` (a view of its size); the block in it is detached, never `keep`.
+
+        Preference: a free buffer, then one not allocated yet, then the least recently filled one.
+        """
+        size = comp.buffer_nbytes
+        free = [i for i in (0, 1) if comp.buffers[i] is not None and comp.buffer_owner[i] is None]
+        unallocated = [i for i in (0, 1) if comp.buffers[i] is None]
+        taken = [i for i in (0, 1) if comp.buffer_owner[i] is not None and comp.buffer_owner[i] is not keep]
+        candidates = (
+            sorted(free, key=lambda i: comp.buffer_used[i])
+            or unallocated
+            or sorted(taken, key=lambda i: comp.buffer_used[i])
+        )
+        if not candidates:
+            raise RuntimeError(f"{self.name}: no streaming buffer of the {comp.name} free for {unit.name}.")
+        index = candidates[0]
+        owner = comp.buffer_owner[index]
+        if owner is not None:
+            self._detach(comp, owner)
+        buffer = comp.buffers[index]
+        if buffer is None:
+            buffer = comp.buffers[index] = self._empty(size)
+            self._count(size)
+            # New memory may be what the compute stream freed while still reading it (stream-ordered reuse).
+            comp.buffer_free_at[index] = self._compute_event()
+        comp.buffer_owner[index] = unit
+        comp.buffer_used[index] = next(self._clock)
+        unit.buffer = index
+        return buffer[: unit.nbytes]
+
+    def _free_buffers(self, comp: _Component) -> None:
+        for index in (0, 1):
+            owner = comp.buffer_owner[index]
+            if owner is not None:
+                self._detach(comp, owner)
+            buffer = comp.buffers[index]
+            if buffer is not None:
+                self.stats["device_bytes"] -= buffer.numel()
+            comp.buffers[index] = comp.buffer_free_at[index] = None
+
+    def _load_now(self, comp: _Component, unit: _Unit) -> None:
         if unit.flat is not None:
             return
         if unit.pending is not None:
             flat, event = unit.pending.result()
             unit.pending = None
             self._attach(unit, flat, event)
+        elif unit.streamed:
+            # Filled on the compute stream: ordered after the kernels of the block that had the buffer.
+            self._attach(unit, self._fill(unit, self._take_buffer(comp, unit, keep=None), None))
         else:
-            self._attach(unit, self._fill(unit, self._empty(unit), None))
+            self._attach(unit, self._fill(unit, self._empty(unit.nbytes), None))
+        if unit.streamed:
+            self.stats["streamed_loads"] += 1
 
     def _activate(self, comp: _Component) -> None:
         comp.last_used = next(self._clock)
@@ -480,45 +624,45 @@ class Placement:
             return
         others = sorted((c for c in self._components.values() if c.active and c is not comp), key=lambda c: c.last_used)
         used = sum(c.resident_bytes for c in others)
+        needed = comp.resident_bytes + comp.activation_bytes
         for other in others:
-            if self.exclusive or (self.budget is not None and used + comp.resident_bytes > self.budget):
+            if self.exclusive or (self.budget is not None and used + needed > self.budget):
                 self._evict(other)
                 used -= other.resident_bytes
         for unit in comp.units:
-            if unit is comp.rest or not unit.streamed:
-                self._load_now(unit)
+            if not unit.streamed:
+                self._load_now(comp, unit)
         comp.active = True
 
     def _evict(self, comp: _Component) -> None:
         for unit in comp.units:
-            self._detach(unit)
+            self._detach(comp, unit)
+        self._free_buffers(comp)
         comp.active = False
 
-    def _pre_block(self, comp: _Component, unit: _Unit) -> Any:
-        position = comp.blocks.index(unit)
-        order = comp.blocks[position + 1 :] + comp.blocks[: position + 1]
-        upcoming = next((u for u in order if u.streamed), None)
+    def _drop_streamed(self, comp: _Component) -> None:
+        """After the component's forward: its streamed blocks point at their home again. A prefetch for the next call
+        may stay in its buffer (which stays allocated while the component is active anyway)."""
+        for unit in comp.blocks:
+            if unit.streamed and unit.flat is not None:
+                self._detach(comp, unit)
 
+    def _pre_block(self, comp: _Component, unit: _Unit) -> Any:
         def hook(module: nn.Module, args: tuple) -> None:
             self._activate(comp)
-            if unit.streamed:
-                self._load_now(unit)
-                self.stats["streamed_loads"] += 1
+            # A no-op for a block already loaded: the other samples of a batch run it from the same buffer.
+            self._load_now(comp, unit)
+            upcoming = comp.upcoming.get(id(unit))
             if upcoming is not None and upcoming is not unit:
                 self._prefetch(comp, upcoming, current=unit)
-
-        return hook
-
-    def _post_block(self, unit: _Unit) -> Any:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            self._detach(unit)
 
         return hook
 
     def _prefetch(self, comp: _Component, unit: _Unit, current: _Unit) -> None:
         if unit.flat is not None or unit.pending is not None:
             return
-        # At most one streamed block besides the one computing: drop a stale prefetch (blocks called out of order).
+        # At most one streamed block besides the one computing: drop the others (a finished block, or a stale
+        # prefetch when blocks are called out of order).
         for other in comp.blocks:
             if (
                 other.streamed
@@ -526,16 +670,15 @@ class Placement:
                 and other is not unit
                 and (other.flat is not None or other.pending)
             ):
-                self._detach(other)
-        if self._executor is None:
+                self._detach(comp, other)
+        if not self.prefetch:
             return
-        flat = self._empty(unit)
-        free_at = None
-        if self._side is not None:
-            # The buffer may reuse memory of a block the compute stream is still reading: copy only after it.
-            free_at = torch.cuda.Event()
-            free_at.record(torch.cuda.current_stream(self._device))
-        unit.pending = self._executor.submit(self._fill_async, unit, flat, free_at)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagezoo-prefetch")
+        flat = self._take_buffer(comp, unit, keep=current)
+        assert unit.buffer is not None
+        # The side stream writes only once the compute stream is past the last kernels of the buffer's previous block.
+        unit.pending = self._executor.submit(self._fill_async, unit, flat, comp.buffer_free_at[unit.buffer])
 
     # ---------------------------------------------------------------------------------------------- tear-down
     def release(self) -> None:
@@ -552,6 +695,8 @@ class Placement:
         for comp in self._components.values():
             for handle in comp.hooks:
                 handle.remove()
+            if comp.split_previous is not None:
+                comp.module.memory_split_batches(comp.split_previous)
             for unit in comp.units:
                 for entry in unit.entries:
                     if entry.home is None:

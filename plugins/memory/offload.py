@@ -1,8 +1,9 @@
 """`offload`: component offload. Components live in host memory and take turns on the compute device.
 
 Before a component runs (text encoder, then the DiT for every step, then the VAE) it is copied to the device whole
-and the previously active one is dropped from it, so peak VRAM is the largest component plus activations. With
-`vram_limit`, a component larger than the limit also streams the blocks that do not fit (see `stream`).
+and the previously active one is dropped from it, so peak VRAM is the largest component plus activations (those of
+one sample: batches run sample by sample). With `vram_limit`, a component larger than the limit (with its estimated
+activations) also streams the blocks that do not fit (see `stream`).
 """
 
 from __future__ import annotations

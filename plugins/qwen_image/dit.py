@@ -29,6 +29,10 @@ _REAL_HEAD_DIM = 128
 _FP16_MAX = 65504.0
 _TIME_CHANNELS = 256
 _ROPE_CACHE_SIZE = 32
+# Peak activation bytes of one forward per (token in a block at once x width x element size). Measured on an H100:
+# about 1.0 GiB of activations on top of the weights for a CFG batch of 2 at 1328x1328 (2 x (6,889 image + ~20
+# text) tokens, width 3,072, bf16, one batch): 12.7; rounded up for the allocator's rounding and other shapes.
+_ACTIVATION_FACTOR = 14
 # diffusers config switches that change the architecture (Edit-2511 / Layered variants); we don't implement them.
 _UNSUPPORTED_FLAGS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
 
@@ -494,10 +498,17 @@ class QwenImageDiT(nn.Module):
         split_padded_batches: Whether a batch of right-padded prompts runs sample by sample on its real tokens with
             dense attention (same result) instead of as one masked batch, in inference. None (default): on CUDA
             with the "auto" attention backend, where it was measured faster (docs/speed.md).
+        split_batches: Run every batch sample by sample, block by block, in inference: the transient activations of
+            one sample at a time, padded text or not (default False; placement memory strategies turn it on). Same
+            maths as the batched forward: results differ from it by float rounding only (products of another size).
         block_evaluations: Count of block forwards run so far (a plain counter; tests and benchmarks read it).
         memory_blocks: (declaration for memory strategies) ModuleLists whose blocks may be streamed one by one.
         memory_high_precision: (declaration) Submodules storage-dtype strategies (fp8) leave in the compute dtype:
             the small input/output projections and the timestep MLP, where quantization error is least diluted.
+        memory_split_batches: (declared method) Switch `split_batches`, returning the previous value: strategies that
+            save memory run batches one sample at a time, every streamed block once for all samples.
+        memory_activation_bytes: (declared method) Estimated peak activation bytes of a forward with the given
+            arguments: a strategy under a VRAM limit keeps that much of its budget free of weights.
     """
 
     memory_blocks: tuple[str, ...] = ("transformer_blocks",)
@@ -520,10 +531,41 @@ class QwenImageDiT(nn.Module):
         self._offload_checkpoints = False
         self.step_cache: StepCache | None = None
         self.split_padded_batches: bool | None = None
+        self.split_batches = False
         self.block_evaluations = 0
         self._speed_state: Any = None
         # Plain dict, not buffers: a meta-built module must run after state-dict assignment with nothing to re-init.
         self._rope_cache: dict[tuple[Any, ...], Tensor] = {}
+
+    def memory_split_batches(self, enabled: bool) -> bool:
+        """Set `split_batches` (declaration for memory strategies); returns the previous value, to restore."""
+        previous, self.split_batches = self.split_batches, bool(enabled)
+        return previous
+
+    def memory_activation_bytes(
+        self,
+        latents: Tensor,
+        sigma: Tensor,
+        text: Tensor,
+        text_mask: Tensor | None = None,
+        *,
+        text_positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> int:
+        """Estimated peak activation memory in bytes of one `forward` with these arguments (declaration for memory
+        strategies: only shapes are read, nothing is computed or synchronized).
+
+        Proportional to the tokens that go through a block at once: one sample's when the batch runs sample by sample
+        (`split_batches` in inference), else the whole batch's. A right-padded batch that only `split_padded_batches`
+        splits is counted whole (an over-estimate); left-padded text, which `split_batches` does not split, is
+        counted per sample (an under-estimate; the pipelines pad on the right).
+        """
+        b, _, height, width = latents.shape
+        tokens = text.shape[1] + (height // self.patch_size) * (width // self.patch_size)
+        split = self.split_batches and b > 1 and attention_mask is None and not torch.is_grad_enabled()
+        if not split:
+            tokens *= b
+        return int(_ACTIVATION_FACTOR * tokens * self.params.width * self._dtype().itemsize)
 
     def enable_gradient_checkpointing(self, offload_to_cpu: bool = False) -> None:
         """Recompute each block in backward; with `offload_to_cpu` the saved block inputs live in CPU memory."""
@@ -690,48 +732,64 @@ class QwenImageDiT(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Run blocks `start` .. `stop - 1` on both streams (block inputs as in `QwenImageBlock.forward`).
 
-        `mask` may also be per-sample text lengths (right padding, from `_joint_mask`): each sample then runs
-        alone on its own real text tokens, unmasked, and its padded text rows come back unchanged. The model's last
-        block skips its text output (it feeds nothing), so after it the text stream is stale.
+        `mask` may also be per-sample text lengths (from `_joint_mask`, right padding or none): each sample then runs
+        alone on its own real text tokens, unmasked, and its padded text rows come back unchanged. The loop is block
+        by block, every sample through a block before the next one, so a streamed block is loaded once for the batch.
+        The model's last block skips its text output (it feeds nothing), so after it the text stream is stale.
         """
         if isinstance(mask, tuple):
-            # The class's own method, not `self.run_blocks`: a hook shadowing it on the instance (sequence
-            # parallelism) has already wrapped this call and must not wrap each sample again.
-            outs = [
-                QwenImageDiT.run_blocks(
-                    self,
-                    start,
-                    stop,
-                    img[i : i + 1],
-                    # Dense strides (a size-1 batch dim keeps its parent's stride through .contiguous()), so
-                    # compiled blocks see the same layout as for a lone prompt and need no variant of their own.
-                    txt[i : i + 1, :n].clone(memory_format=torch.contiguous_format),
-                    temb_act[i : i + 1],
-                    img_freqs,
-                    txt_freqs[:n],
-                    None,
-                )
-                for i, n in enumerate(mask)
-            ]
-            img = torch.cat([out_img for out_img, _ in outs])
-            txt = torch.cat(
-                [
-                    torch.cat([out_txt, txt[i : i + 1, n:]], 1)
-                    for i, ((_, out_txt), n) in enumerate(zip(outs, mask, strict=True))
-                ]
-            )
-            self.block_evaluations -= max(stop - start, 0) * (len(mask) - 1)  # count a batch's block once
-            return img, txt
-        use_ckpt = self._checkpointing and torch.is_grad_enabled()
-        last = len(self.transformer_blocks) - 1
+            return self._run_blocks_per_sample(start, stop, img, txt, temb_act, img_freqs, txt_freqs, mask)
         for i in range(start, stop):
-            block = self.transformer_blocks[i]
-            args = (img, txt, temb_act, img_freqs, txt_freqs, mask, i != last)
-            if use_ckpt:
-                img, txt = checkpoint(block, *args, use_reentrant=False)
-            else:
-                img, txt = block(*args)
+            img, txt = self._run_block(i, img, txt, temb_act, img_freqs, txt_freqs, mask)
         self.block_evaluations += max(stop - start, 0)
+        return img, txt
+
+    def _run_block(
+        self,
+        i: int,
+        img: Tensor,
+        txt: Tensor,
+        temb_act: Tensor,
+        img_freqs: Tensor,
+        txt_freqs: Tensor,
+        mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        block = self.transformer_blocks[i]
+        args = (img, txt, temb_act, img_freqs, txt_freqs, mask, i != len(self.transformer_blocks) - 1)
+        if self._checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _run_blocks_per_sample(
+        self,
+        start: int,
+        stop: int,
+        img: Tensor,
+        txt: Tensor,
+        temb_act: Tensor,
+        img_freqs: Tensor,
+        txt_freqs: Tensor,
+        lengths: tuple[int, ...],
+    ) -> tuple[Tensor, Tensor]:
+        # Each sample keeps its own (image, real text) state; a sample goes through the same ops as it would alone.
+        states = [
+            (
+                img[i : i + 1],
+                # Dense strides (a size-1 batch dim keeps its parent's stride through .contiguous()), so compiled
+                # blocks see the same layout as for a lone prompt and need no variant of their own.
+                txt[i : i + 1, :n].clone(memory_format=torch.contiguous_format),
+            )
+            for i, n in enumerate(lengths)
+        ]
+        for block in range(start, stop):
+            for i, n in enumerate(lengths):
+                sample_img, sample_txt = states[i]
+                states[i] = self._run_block(
+                    block, sample_img, sample_txt, temb_act[i : i + 1], img_freqs, txt_freqs[:n], None
+                )
+        img = torch.cat([sample_img for sample_img, _ in states])
+        txt = torch.cat([torch.cat([states[i][1], txt[i : i + 1, n:]], 1) for i, n in enumerate(lengths)])
+        self.block_evaluations += max(stop - start, 0)  # a batch's block counts once
         return img, txt
 
     def _joint_mask(
@@ -748,8 +806,10 @@ class QwenImageDiT(nn.Module):
         Right-padded text in inference with `split_padded_batches` (default: on CUDA under "auto" attention) gives
         the per-sample lengths:
         `run_blocks` then runs each sample alone on its real tokens with dense attention, which on GPUs beats every
-        masked kernel (masked attention runs at a third of the dense speed on an H100, docs/speed.md). Otherwise a
-        (B, 1, 1, L+S) key mask over [text, image], or the caller's full `attention_mask`.
+        masked kernel (masked attention runs at a third of the dense speed on an H100, docs/speed.md). With
+        `split_batches`, any batch of more than one sample in inference gives them (all L for unpadded text), whatever
+        the device and attention backend. Otherwise a (B, 1, 1, L+S) key mask over [text, image], or the caller's
+        full `attention_mask`.
         """
         n = n_txt + n_img
         if attention_mask is not None:
@@ -765,8 +825,9 @@ class QwenImageDiT(nn.Module):
                     f"over [text, image] tokens, got {attention_mask.dtype} {tuple(attention_mask.shape)}."
                 )
             return attention_mask.to(device)
+        split_all = self.split_batches and b > 1 and n_txt > 0 and not torch.is_grad_enabled()
         if text_mask is None:
-            return None
+            return (n_txt,) * b if split_all else None
         if text_mask.shape != (b, n_txt):
             raise InputError(f"text_mask must have shape ({b}, {n_txt}), got {tuple(text_mask.shape)}.")
         text_mask = text_mask.to(device=device, dtype=torch.bool)
@@ -775,8 +836,8 @@ class QwenImageDiT(nn.Module):
         # One host sync for both facts, repaid by dense attention kernels.
         *counts, prefix = torch.cat([lengths, is_prefix.reshape(1).long()]).tolist()
         if min(counts) == n_txt:
-            return None
-        split = self.split_padded_batches
+            return tuple(counts) if split_all else None
+        split = split_all or self.split_padded_batches
         if split is None:  # the default: where dense-per-sample was measured to beat masked kernels
             split = device.type == "cuda" and self.attention_backend == "auto"
         if split and prefix and min(counts) > 0 and not torch.is_grad_enabled():

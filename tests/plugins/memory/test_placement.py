@@ -35,7 +35,7 @@ def test_placement_is_bit_identical_repeatable_and_removable(clean, reference, g
     # `clean` checks after the test that removal restored every tensor, device, dtype, Parameter and hook.
 
 
-def test_streamed_blocks_are_on_the_device_only_during_their_forward(clean, reference, generate):
+def test_streamed_blocks_compute_from_device_copies_and_go_home_after_the_forward(clean, reference, generate):
     clean.enable_memory(["stream"], vram_limit=0)
     strategy = _strategy(clean, "stream")
     dit = clean.components.modules["dit"]
@@ -43,7 +43,7 @@ def test_streamed_blocks_are_on_the_device_only_during_their_forward(clean, refe
     homes = {id(u): u.host.data_ptr() for u in comp.blocks}
     seen = []
 
-    def record(module, args, output):  # prepended: runs before the strategy drops the block again
+    def record(module, args, output):  # the weights the block has just computed with
         weight = module.img_mlp.net[2].weight
         seen.append((module, weight.untyped_storage().data_ptr()))
 
@@ -63,7 +63,7 @@ def test_streamed_blocks_are_on_the_device_only_during_their_forward(clean, refe
     for unit in comp.blocks:
         if unit not in loaded:
             assert unit.module.img_mlp.net[2].weight.untyped_storage().data_ptr() == homes[id(unit)]
-    # At most two streamed blocks (the computing one and the prefetched one) plus each component's rest at once.
+    # At most the two streaming buffers (the computing block and the prefetched one) plus each component's rest.
     largest = max(c.rest.nbytes + 2 * max([b.nbytes for b in c.blocks] or [0]) for c in strategy._components.values())
     assert 0 < strategy.stats["peak_device_bytes"] <= largest
     assert strategy.stats["streamed_loads"] >= 2 * len(comp.blocks)
@@ -109,6 +109,9 @@ def test_plan_resident():
     assert plan_resident([10] * 4, 0, 30) == [False, False, True, False]
     assert plan_resident([10] * 4, 0, 29) == [False] * 4
     assert sum(plan_resident([10] * 10, 0, None, block_params=[100] * 10, max_params=250)) == 2
+    # Both streaming buffers hold the largest streamed block: keeping blocks 1, 3 and 5 (streaming the 30) would
+    # need 30 + 2 x 30 = 90, not 30 + 30 + 10; keeping block 3 alone needs 10 + 2 x 30 = 70.
+    assert plan_resident([30] + [10] * 5, 0, 79) == [False, False, False, True, False, False]
 
 
 def _mapped(root: Path) -> set[str]:
