@@ -231,14 +231,18 @@ def _family_of(pipeline: Pipeline) -> tuple[str, Any]:
     return name, kernel.families.get(name).value
 
 
-def _move_except_streamed(module: nn.Module, device: torch.device, streamer: BlockStreamer) -> None:
-    """`module.to(device)` that leaves the weights `streamer` keeps in host memory there."""
+def _move_except_streamed(module: nn.Module, device: torch.device, streamer: BlockStreamer | None) -> None:
+    """`module.to(device)` that leaves the weights `streamer` (if any) keeps in host memory there."""
+
+    def streamed(sub: nn.Module, name: str) -> bool:
+        return streamer is not None and streamer.is_streamed(sub, name)
+
     for sub in module.modules():
         for name, param in sub.named_parameters(recurse=False):
-            if param.device != device and not streamer.is_streamed(sub, name):
+            if param.device != device and not streamed(sub, name):
                 param.data = param.data.to(device)
         for name, buf in list(sub.named_buffers(recurse=False)):
-            if buf.device != device and not streamer.is_streamed(sub, name):
+            if buf.device != device and not streamed(sub, name):
                 sub._buffers[name] = buf.to(device)
 
 
@@ -462,6 +466,8 @@ class Trainer:
                 )
             # Kept for the whole run and after it: validation images run the same streamed blocks.
             self.streamer = BlockStreamer(blocks, config.offload_frozen_blocks, self.device)
+        if not self.is_fsdp:
+            # Also for a pipeline handed in on another device: every step and validation input goes to self.device.
             for module in step_modules.values():
                 _move_except_streamed(module, self.device, self.streamer)
         # After the move, so that `compile=None` sees the device the DiT runs on (a streamed DiT is loaded on the

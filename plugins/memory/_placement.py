@@ -45,6 +45,8 @@ from imagezoo.memory import (
     free_vram_bytes,
     gib_to_bytes,
     module_slots,
+    pinned_host_buffer,
+    release_pinned_host_buffer,
     tensor_nbytes,
 )
 from imagezoo.plugins.memory._files import FileReader, SafetensorsIndex, TensorLocation
@@ -54,6 +56,10 @@ logger = logging.getLogger(__name__)
 ALIGN = 256
 """Byte alignment of each tensor inside a unit's flat buffer (any dtype view of an aligned offset is valid)."""
 SOURCES = ("cpu", "disk")
+UNDECLARED_ACTIVATION_BYTES = 2 * GIB
+"""Under a `vram_limit`, the room kept for the activations of a component that declares no estimate when deciding
+whether others must leave the device first (a tiled VAE decode of a 1328x1328 image peaks 1.4 GiB above its
+weights, `benchmarks/vae_tiling.py`)."""
 _CHECK_ELEMENTS = 64
 
 
@@ -228,7 +234,6 @@ class Placement:
         self._executor: ThreadPoolExecutor | None = None
         self._side: torch.cuda.Stream | None = None
         self._reader: FileReader | None = None
-        self._registered: set[int] = set()
 
     # ---------------------------------------------------------------------------------------------- set-up
     def targets(self, pipeline: Any) -> list[str]:
@@ -382,7 +387,7 @@ class Placement:
         unit.host_nbytes = sum(_aligned(e.nbytes) for e in host_entries)
         unit.entries = [*host_entries, *file_entries]
         if unit.host_nbytes:
-            unit.host = self._host_buffer(unit.host_nbytes, pin)
+            unit.host = pinned_host_buffer(unit.host_nbytes, pin)
         for entry in host_entries:
             view = self._view(unit.host, entry)
             view.copy_(entry.slot.get())
@@ -469,27 +474,6 @@ class Placement:
         return value
 
     # ---------------------------------------------------------------------------------------------- loading
-    def _host_buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
-        """A host buffer of exactly `nbytes`, page-locked when `pin` (so copies to the device run asynchronously).
-
-        Pinned through `cudaHostRegister` on an ordinary allocation: `pin_memory=True` goes through PyTorch's caching
-        host allocator, which rounds every block up to a power of two (a 0.68 GB DiT block takes 1 GB of RAM).
-        """
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        if not pin:
-            return buffer
-        error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
-        if int(getattr(error, "value", error)) == 0:
-            self._registered.add(buffer.data_ptr())
-            return buffer
-        logger.warning("cudaHostRegister failed (%s); using PyTorch's pinned allocator instead.", error)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-    def _release_host(self, unit: _Unit) -> None:
-        if unit.host is not None and unit.host.data_ptr() in self._registered:
-            self._registered.discard(unit.host.data_ptr())
-            torch.cuda.cudart().cudaHostUnregister(unit.host.data_ptr())
-        unit.host = None
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         # Allocated on the compute stream, outside inference mode (the worker thread writes into it and is not in
@@ -624,7 +608,10 @@ class Placement:
             return
         others = sorted((c for c in self._components.values() if c.active and c is not comp), key=lambda c: c.last_used)
         used = sum(c.resident_bytes for c in others)
-        needed = comp.resident_bytes + comp.activation_bytes
+        activations = comp.activation_bytes
+        if not callable(getattr(comp.module, "memory_activation_bytes", None)) and self.vram_limit is not None:
+            activations = UNDECLARED_ACTIVATION_BYTES
+        needed = comp.resident_bytes + activations
         for other in others:
             if self.exclusive or (self.budget is not None and used + needed > self.budget):
                 self._evict(other)
@@ -707,7 +694,9 @@ class Placement:
                     else:
                         entry.slot.set(entry.home.to(entry.original_device, copy=True))
                     entry.home = None
-                self._release_host(unit)  # each unit's host buffer goes as soon as its tensors are restored
+                if unit.host is not None:  # each unit's host buffer goes as soon as its tensors are restored
+                    release_pinned_host_buffer(unit.host)
+                    unit.host = None
         self._components.clear()
         if self._reader is not None:
             self._reader.close()

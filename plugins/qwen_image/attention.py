@@ -148,8 +148,18 @@ def joint_attention(
     if chosen == "varlen" or (chosen == "fa3" and kind == "padding"):
         assert mask is not None  # kind == "padding"
         return _padded_varlen(q, k_txt, k_img, v_txt, v_img, mask, fa3=chosen == "fa3")
-    k = torch.cat([k_txt, k_img], dim=1)
-    v = torch.cat([v_txt, v_img], dim=1)
+    return _attend(q, torch.cat([k_txt, k_img], dim=1), torch.cat([v_txt, v_img], dim=1), mask, chosen)
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
+    """Unmasked attention of (B, Nq, H, D) `q` over already joined (B, Nk, H, D) keys `k` and values `v`.
+
+    For callers that build the joint [text, image] keys themselves, so the per-stream parts can be freed first.
+    """
+    return _attend(q, k, v, None, resolve_backend(backend, q.device, mask_kind(None), q.dtype))
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, chosen: str) -> Tensor:
     if chosen == "fa3":
         out = _fa3().flash_attn_func(q, k, v)
         return out[0] if isinstance(out, tuple) else out

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from imagezoo.errors import ConfigError, InputError, WeightsError
-from imagezoo.plugins.qwen_image.attention import check_backend, joint_attention
+from imagezoo.plugins.qwen_image.attention import check_backend, dense_attention, joint_attention
 from imagezoo.state_dict import assign_state_dict
 
 _CLASS_NAME = "QwenImageTransformer2DModel"
@@ -33,6 +33,9 @@ _ROPE_CACHE_SIZE = 32
 # about 1.0 GiB of activations on top of the weights for a CFG batch of 2 at 1328x1328 (2 x (6,889 image + ~20
 # text) tokens, width 3,072, bf16, one batch): 12.7; rounded up for the allocator's rounding and other shapes.
 _ACTIVATION_FACTOR = 14
+# Tokens per MLP chunk in the low-activation mode: the hidden layer of 2,048 tokens is 48 MiB in bf16 at width 3,072,
+# and GEMMs of 2,048 rows still run at full speed.
+_MLP_CHUNK_TOKENS = 2048
 # diffusers config switches that change the architecture (Edit-2511 / Layered variants); we don't implement them.
 _UNSUPPORTED_FLAGS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
 
@@ -331,13 +334,27 @@ class _GeluProj(nn.Module):
 
 
 class _MLP(nn.Module):
+    """Feed-forward layer; with `chunk_tokens` set, tokens go through it that many at a time.
+
+    Its 4x-wide hidden layer (projection and GELU output alive together) is a block's activation peak, so chunking
+    the tokens lowers the peak of the whole forward (same per-token maths; low-activation mode, see
+    `QwenImageDiT.split_batches`).
+    """
+
     def __init__(self, width: int) -> None:
         super().__init__()
         # Index 1 is a parameterless slot (dropout upstream) so the output layer keeps the key `net.2`.
         self.net = nn.Sequential(_GeluProj(width, 4 * width), nn.Identity(), nn.Linear(4 * width, width))
+        self.chunk_tokens: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        chunk = self.chunk_tokens
+        if chunk is None or x.shape[-2] <= chunk:
+            return self.net(x)
+        out = x.new_empty((*x.shape[:-1], self.net[2].out_features))
+        for start in range(0, x.shape[-2], chunk):
+            out[..., start : start + chunk, :] = self.net(x[..., start : start + chunk, :])
+        return out
 
 
 def _modulation(width: int) -> nn.Sequential:
@@ -359,6 +376,7 @@ class _JointAttention(nn.Module):
         self.head_dim = head_dim
         self.backend = "auto"
         self.attention_fn: Any = None
+        self.low_activation = False
         self.to_q = nn.Linear(width, width)
         self.to_k = nn.Linear(width, width)
         self.to_v = nn.Linear(width, width)
@@ -387,6 +405,46 @@ class _JointAttention(nn.Module):
         def qk(x: Tensor, proj: nn.Linear, norm: _RMSNorm, freqs: Tensor) -> Tensor:
             return _apply_rope(norm(proj(x).view(heads)), freqs)
 
+        if self.low_activation and mask is None and self.attention_fn is None:
+            # Joint tensors built from temporaries: no per-stream copy stays alive through the attention kernel.
+            out = dense_attention(
+                torch.cat(
+                    [
+                        qk(txt, self.add_q_proj, self.norm_added_q, txt_freqs),
+                        qk(img, self.to_q, self.norm_q, img_freqs),
+                    ],
+                    1,
+                )
+                if text_out
+                else qk(img, self.to_q, self.norm_q, img_freqs),
+                torch.cat(
+                    [
+                        qk(txt, self.add_k_proj, self.norm_added_k, txt_freqs),
+                        qk(img, self.to_k, self.norm_k, img_freqs),
+                    ],
+                    1,
+                ),
+                torch.cat([self.add_v_proj(txt).view(heads), self.to_v(img).view(heads)], 1),
+                self.backend,
+            ).reshape(b, -1, width)
+        else:
+            out = self._attention(img, txt, img_freqs, txt_freqs, mask, text_out, qk, heads).reshape(b, -1, width)
+        if not text_out:
+            return self.to_out[0](out), None
+        n_txt = txt.shape[1]
+        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+
+    def _attention(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        img_freqs: Tensor,
+        txt_freqs: Tensor,
+        mask: Tensor | None,
+        text_out: bool,
+        qk: Any,
+        heads: tuple[int, ...],
+    ) -> Tensor:
         img_q = qk(img, self.to_q, self.norm_q, img_freqs)
         if text_out:
             q = torch.cat([qk(txt, self.add_q_proj, self.norm_added_q, txt_freqs), img_q], 1)
@@ -395,7 +453,7 @@ class _JointAttention(nn.Module):
             q = img_q
             if mask is not None and mask.shape[2] > 1:
                 mask = mask[:, :, txt.shape[1] :]
-        out = (self.attention_fn or joint_attention)(
+        return (self.attention_fn or joint_attention)(
             q,
             qk(txt, self.add_k_proj, self.norm_added_k, txt_freqs),
             qk(img, self.to_k, self.norm_k, img_freqs),
@@ -403,11 +461,7 @@ class _JointAttention(nn.Module):
             self.to_v(img).view(heads),
             mask,
             self.backend,
-        ).reshape(b, q.shape[1], width)
-        if not text_out:
-            return self.to_out[0](out), None
-        n_txt = txt.shape[1]
-        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+        )
 
 
 class QwenImageBlock(nn.Module):
@@ -458,6 +512,7 @@ class QwenImageBlock(nn.Module):
             text_out,
         )
         img = torch.addcmul(img, i_gate1, img_attn)
+        del img_attn  # not alive through the MLP, whose hidden layer is the activation peak
         img = torch.addcmul(img, i_gate2, self.img_mlp(_modulate(img, i_shift2, i_scale2, eps)))
         if txt_attn is not None:
             txt = torch.addcmul(txt, t_gate1, txt_attn)
@@ -541,6 +596,20 @@ class QwenImageDiT(nn.Module):
         """Set `split_batches` (declaration for memory strategies); returns the previous value, to restore."""
         previous, self.split_batches = self.split_batches, bool(enabled)
         return previous
+
+    @property
+    def split_batches(self) -> bool:
+        return self._split_batches
+
+    @split_batches.setter
+    def split_batches(self, enabled: bool) -> None:
+        # The same low-activation mode chunks the MLPs' tokens: their hidden layer is a block's activation peak.
+        self._split_batches = bool(enabled)
+        for module in self.modules():
+            if isinstance(module, _MLP):
+                module.chunk_tokens = _MLP_CHUNK_TOKENS if enabled else None
+            elif isinstance(module, _JointAttention):
+                module.low_activation = bool(enabled)
 
     def memory_activation_bytes(
         self,

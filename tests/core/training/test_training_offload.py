@@ -55,12 +55,16 @@ def _steps(dit: QwenImageDiT, steps: int = 2, device: str = "cpu") -> list[dict[
     return out
 
 
-def _assert_same(got: list[dict[str, torch.Tensor]], expected: list[dict[str, torch.Tensor]]) -> None:
+def _assert_same(
+    got: list[dict[str, torch.Tensor]], expected: list[dict[str, torch.Tensor]], *, gpu: bool = False
+) -> None:
     assert len(got) == len(expected)
+    # On a GPU the attention backward accumulates with atomics: two identical runs differ in the last bits.
+    rtol, atol = (1e-4, 1e-6) if gpu else (1e-6, 1e-7)
     for a, b in zip(got, expected, strict=True):
         assert a.keys() == b.keys() and len(a) > 0
         for name in b:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol)
 
 
 class _HostReads(TorchDispatchMode):
@@ -277,12 +281,15 @@ def test_training_with_streamed_blocks_equals_training_with_resident_ones(
     _, expected = _train(data, tmp_path / "resident", four_block_tiny())
     trainer, grads = _train(data, tmp_path / "streamed", four_block_tiny(), offload_frozen_blocks=count)
     assert len(grads) == 3
-    _assert_same(grads, expected)
+    gpu = trainer.device.type != "cpu"
+    _assert_same(grads, expected, gpu=gpu)
     resident = load_file(str(tmp_path / "resident" / "step-3.safetensors"))
     streamed = load_file(str(tmp_path / "streamed" / "step-3.safetensors"))
     assert resident.keys() == streamed.keys() and len(resident) > 0
     for name in resident:
-        torch.testing.assert_close(streamed[name], resident[name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            streamed[name], resident[name], rtol=1e-4 if gpu else 1e-6, atol=1e-6 if gpu else 1e-7
+        )
     # Validation images (before training and at step 2, between training steps) run the streamed blocks too.
     names = sorted(p.name for p in (tmp_path / "streamed" / "validation").iterdir())
     assert names == ["step-0-0.png", "step-2-0.png"]

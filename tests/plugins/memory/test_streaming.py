@@ -206,3 +206,14 @@ def test_pipeline_without_cfg_equals_the_plain_run(clean) -> None:
 def test_pipeline_cfg_split_equals_the_batched_run_up_to_rounding(reference, batched_reference) -> None:
     # `reference` runs the CFG pair sample by sample (as placement strategies do): products of another batch size.
     assert ((reference - batched_reference).norm() / batched_reference.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize(("vram_limit", "dit_stays"), [(3.0, True), (2.2, False)])
+def test_a_component_without_an_activation_estimate_gets_room_before_it_runs(clean, vram_limit, dit_stays) -> None:
+    # The VAE declares no estimate: under a limit it is given 2 GiB of room, so with a budget of 1.7 GiB
+    # (2.2 - 0.5 buffer) the DiT leaves the device before the decode, and with 2.5 GiB it stays.
+    clean.enable_memory(["stream"], vram_limit=vram_limit, vram_buffer=0.5)
+    strategy = clean.memory_strategies[0]
+    clean("a cat", **{**NO_CFG, "output_type": "np"})
+    assert strategy._components["vae"].active
+    assert strategy._components["dit"].active is dit_stays

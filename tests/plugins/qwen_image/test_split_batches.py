@@ -174,3 +174,27 @@ def test_activation_estimate() -> None:
         small = real.memory_activation_bytes(latents[..., :83, :83], sigma, text)
         assert small < whole // 2 / 3  # about a quarter of the tokens
     assert real.memory_activation_bytes(latents, sigma, text) == whole  # with gradients: never split
+
+
+def test_low_activation_mode_chunks_the_mlps_and_joins_attention_inputs(dit, monkeypatch) -> None:
+    from imagezoo.plugins.qwen_image import dit as dit_module
+
+    monkeypatch.setattr(dit_module, "_MLP_CHUNK_TOKENS", 5)  # the tiny inputs have more tokens than that
+    latents, sigma, text, mask = _inputs(2, (L, L - 3))
+    dit.memory_split_batches(True)
+    mlps = [m for m in dit.modules() if isinstance(m, dit_module._MLP)]
+    attentions = [m for m in dit.modules() if isinstance(m, dit_module._JointAttention)]
+    assert all(m.chunk_tokens == 5 for m in mlps) and all(a.low_activation for a in attentions)
+    with torch.no_grad():
+        low = dit(latents, sigma, text, mask)
+        for module in mlps:
+            module.chunk_tokens = None
+        no_chunks = dit(latents, sigma, text, mask)
+        for attention in attentions:
+            attention.low_activation = False
+        plain = dit(latents, sigma, text, mask)
+    # Joining q/k/v from temporaries is the same maths on the same values; MLP chunks are GEMMs of fewer rows.
+    assert torch.equal(no_chunks, plain)
+    torch.testing.assert_close(low, plain, rtol=1e-5, atol=1e-6)
+    dit.memory_split_batches(False)
+    assert all(m.chunk_tokens is None for m in mlps) and not any(a.low_activation for a in attentions)
