@@ -349,7 +349,8 @@ class _MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         chunk = self.chunk_tokens
-        if chunk is None or x.shape[-2] <= chunk:
+        # Weights stored in another dtype (FP8 storage) are dequantized per call: per chunk would cost a pass each.
+        if chunk is None or x.shape[-2] <= chunk or self.net[2].weight.dtype != x.dtype:
             return self.net(x)
         out = x.new_empty((*x.shape[:-1], self.net[2].out_features))
         for start in range(0, x.shape[-2], chunk):

@@ -198,3 +198,37 @@ def test_low_activation_mode_chunks_the_mlps_and_joins_attention_inputs(dit, mon
     torch.testing.assert_close(low, plain, rtol=1e-5, atol=1e-6)
     dit.memory_split_batches(False)
     assert all(m.chunk_tokens is None for m in mlps) and not any(a.low_activation for a in attentions)
+
+
+def test_mlp_chunks_only_weights_stored_in_the_compute_dtype() -> None:
+    from imagezoo.plugins.qwen_image.dit import _MLP
+
+    torch.manual_seed(0)
+    mlp = _MLP(8).eval()
+    mlp.chunk_tokens = 2
+    x = torch.randn(1, 7, 8)
+    calls = []
+    layers = (mlp.net[0].proj, mlp.net[2])
+    hooks = [layer.register_forward_pre_hook(lambda m, a: calls.append(m)) for layer in layers]
+    with torch.no_grad():
+        plain = mlp.net(x)
+        calls.clear()
+        torch.testing.assert_close(mlp(x), plain, rtol=1e-6, atol=1e-6)
+        assert len(calls) == 2 * 4  # 7 tokens, chunks of 2
+
+        # Storage in another dtype, restored to the compute dtype around each call (what FP8 storage does): one call
+        # per layer, since each call pays a dequantization pass.
+        def restore(module, args):
+            module.weight.data = module.weight.data.float()
+
+        def store(module, args, output):
+            module.weight.data = module.weight.data.double()
+
+        for layer in layers:
+            layer.weight.data = layer.weight.data.double()
+            hooks += [layer.register_forward_pre_hook(restore), layer.register_forward_hook(store)]
+        calls.clear()
+        torch.testing.assert_close(mlp(x), plain, rtol=1e-6, atol=1e-6)
+        assert len(calls) == 2
+    for hook in hooks:
+        hook.remove()
