@@ -61,6 +61,30 @@ def fresh_tiny(models_dir: Path) -> Callable[[], object]:
     return load
 
 
+def with_dit(base, dit):
+    """`base` (a tiny pipeline) with `dit` as its denoiser: same text encoder and VAE, float32 on the CPU."""
+    from imagezoo.interfaces import Components
+    from imagezoo.pipeline import Pipeline
+    from imagezoo.plugins.qwen_image.family import QwenDenoiser
+
+    parts = base.components
+    components = Components(
+        text_encoder=parts.text_encoder,
+        denoiser=QwenDenoiser(dit),
+        vae=parts.vae,
+        modules={**parts.modules, "dit": dit},
+    )
+    return Pipeline(
+        components, defaults=base.defaults, device="cpu", dtype=torch.float32, entry=base.entry, kernel=base.kernel
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_with_dit() -> Callable[[object, torch.nn.Module], object]:
+    """`tiny_with_dit(base, dit)`: see `with_dit`."""
+    return with_dit
+
+
 @pytest.fixture
 def wide_tiny(fresh_tiny: Callable[[], object]) -> Callable[[int], object]:
     """The tiny pipeline with a 128-wide DiT (same text encoder and VAE), seeded.
@@ -68,25 +92,12 @@ def wide_tiny(fresh_tiny: Callable[[], object]) -> Callable[[int], object]:
     The embedded tiny DiT is 32 wide, narrower than its 64-channel patch tokens, so its output spans only half of
     the velocity's space and no training drives the loss far below half; a 128-wide one can overfit.
     """
-    from imagezoo.interfaces import Components
-    from imagezoo.pipeline import Pipeline
     from imagezoo.plugins.qwen_image.dit import DiTParams, QwenImageDiT
-    from imagezoo.plugins.qwen_image.family import QwenDenoiser
 
     def load(seed: int = 0):
         base = fresh_tiny()
         torch.manual_seed(seed)
         params = DiTParams(num_layers=2, num_heads=2, head_dim=64, text_dim=32, axes_dims=(16, 24, 24))
-        dit = QwenImageDiT(params).eval().requires_grad_(False)
-        parts = base.components
-        components = Components(
-            text_encoder=parts.text_encoder,
-            denoiser=QwenDenoiser(dit),
-            vae=parts.vae,
-            modules={**parts.modules, "dit": dit},
-        )
-        return Pipeline(
-            components, defaults=base.defaults, device="cpu", dtype=torch.float32, entry=base.entry, kernel=base.kernel
-        )
+        return with_dit(base, QwenImageDiT(params).eval().requires_grad_(False))
 
     return load

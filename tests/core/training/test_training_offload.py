@@ -213,26 +213,13 @@ def test_compiled_blocks_stream_with_the_same_gradients_and_graphs(order):
 
 
 @pytest.fixture
-def four_block_tiny(fresh_tiny):
+def four_block_tiny(fresh_tiny, tiny_with_dit):
     """The tiny pipeline with a seeded 4-block DiT (the embedded one has 2), so some blocks can stay resident."""
-    from imagezoo.interfaces import Components
-    from imagezoo.pipeline import Pipeline
-    from imagezoo.plugins.qwen_image.family import QwenDenoiser
 
     def load():
         base = fresh_tiny()
         torch.manual_seed(0)
-        dit = QwenImageDiT(replace(TINY_DIT, num_layers=4)).eval().requires_grad_(False)
-        parts = base.components
-        components = Components(
-            text_encoder=parts.text_encoder,
-            denoiser=QwenDenoiser(dit),
-            vae=parts.vae,
-            modules={**parts.modules, "dit": dit},
-        )
-        return Pipeline(
-            components, defaults=base.defaults, device="cpu", dtype=torch.float32, entry=base.entry, kernel=base.kernel
-        )
+        return tiny_with_dit(base, QwenImageDiT(replace(TINY_DIT, num_layers=4)).eval().requires_grad_(False))
 
     return load
 

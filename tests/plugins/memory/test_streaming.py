@@ -29,15 +29,8 @@ NO_CFG = {
 
 
 @pytest.fixture()
-def dit() -> QwenImageDiT:
-    torch.manual_seed(0)
-    module = QwenImageDiT(PARAMS).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            norm = "norm" in name
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.2 if norm else 0.1) + (1.0 if norm else 0.0))
-    return module
+def dit(seeded_dit) -> QwenImageDiT:
+    return seeded_dit(PARAMS)
 
 
 def _pipeline(dit: QwenImageDiT) -> SimpleNamespace:

@@ -19,15 +19,8 @@ LENGTHS = (5, 9, 13)  # 3 prompt lengths
 
 
 @pytest.fixture()
-def dit() -> QwenImageDiT:
-    torch.manual_seed(0)
-    module = QwenImageDiT(PARAMS).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            norm = "norm" in name
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.2 if norm else 0.1) + (1.0 if norm else 0.0))
-    return module
+def dit(seeded_dit) -> QwenImageDiT:
+    return seeded_dit(PARAMS)
 
 
 def _inputs(h: int, w: int, length: int, batch: int = 1, seed: int = 0):
