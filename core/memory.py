@@ -105,6 +105,20 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+FLAT_ALIGN = 256
+"""Byte alignment of each tensor packed into a flat uint8 buffer (any dtype view of an aligned offset is valid)."""
+
+
+def aligned_nbytes(nbytes: int) -> int:
+    """`nbytes` rounded up to `FLAT_ALIGN`: the room a tensor takes in a flat buffer."""
+    return (nbytes + FLAT_ALIGN - 1) // FLAT_ALIGN * FLAT_ALIGN
+
+
+def flat_view(flat: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """The tensor packed at byte `offset` of the flat uint8 buffer `flat`, as a view (no copy)."""
+    return flat[offset : offset + nbytes].view(dtype).view(tuple(shape))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Pinned host buffers
 

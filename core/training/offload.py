@@ -33,12 +33,19 @@ import torch
 from torch import nn
 
 from imagezoo.errors import InputError
-from imagezoo.memory import GIB, Slot, module_slots, pinned_host_buffer, release_pinned_host_buffer, tensor_nbytes
+from imagezoo.memory import (
+    GIB,
+    Slot,
+    aligned_nbytes,
+    flat_view,
+    module_slots,
+    pinned_host_buffer,
+    release_pinned_host_buffer,
+    tensor_nbytes,
+)
 
 logger = logging.getLogger(__name__)
 
-ALIGN = 256
-"""Byte alignment of each tensor inside a block's flat buffer (any dtype view of an aligned offset is valid)."""
 STATS = ("loads", "sync_loads", "prefetch_hits", "reuses", "max_loaded", "bytes_streamed")
 _STREAMER_ATTR = "_imagezoo_block_streamer"
 # Original block class -> its streaming subclass. Cached so that all blocks of one class share one subclass (dynamo
@@ -186,7 +193,7 @@ class BlockStreamer:
             tensor = slot.get()
             nbytes = tensor_nbytes(tensor)
             entries.append(_Entry(slot, offset, nbytes, tensor.dtype, tensor.shape))
-            offset += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+            offset += aligned_nbytes(nbytes)
         unit = self._units[index] = _Unit(index, entries, offset)
         unit.host = pinned_host_buffer(offset, self._side is not None)
         for entry in entries:
@@ -198,7 +205,7 @@ class BlockStreamer:
 
     @staticmethod
     def _view(flat: torch.Tensor, entry: _Entry) -> torch.Tensor:
-        return flat[entry.offset : entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
+        return flat_view(flat, entry.offset, entry.nbytes, entry.dtype, entry.shape)
 
     # ---------------------------------------------------------------------------------------------- queries
     def is_streamed(self, module: nn.Module, name: str) -> bool:

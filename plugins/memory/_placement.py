@@ -41,7 +41,9 @@ from imagezoo.memory import (
     GIB,
     STAGE_PLACEMENT,
     Slot,
+    aligned_nbytes,
     find_blocks,
+    flat_view,
     free_vram_bytes,
     gib_to_bytes,
     module_slots,
@@ -53,18 +55,12 @@ from imagezoo.plugins.memory._files import FileReader, SafetensorsIndex, TensorL
 
 logger = logging.getLogger(__name__)
 
-ALIGN = 256
-"""Byte alignment of each tensor inside a unit's flat buffer (any dtype view of an aligned offset is valid)."""
 SOURCES = ("cpu", "disk")
 UNDECLARED_ACTIVATION_BYTES = 2 * GIB
 """Under a `vram_limit`, the room kept for the activations of a component that declares no estimate when deciding
 whether others must leave the device first (a tiled VAE decode of a 1328x1328 image peaks 1.4 GiB above its
 weights, `benchmarks/vae_tiling.py`)."""
 _CHECK_ELEMENTS = 64
-
-
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 @dataclass(eq=False)
@@ -380,11 +376,11 @@ class Placement:
         offset = 0
         for entry in [*host_entries, *file_entries]:
             entry.offset = offset
-            offset += _aligned(entry.nbytes)
+            offset += aligned_nbytes(entry.nbytes)
             if entry.slot.is_param:
                 unit.params += entry.slot.get().numel()
         unit.nbytes = offset
-        unit.host_nbytes = sum(_aligned(e.nbytes) for e in host_entries)
+        unit.host_nbytes = sum(aligned_nbytes(e.nbytes) for e in host_entries)
         unit.entries = [*host_entries, *file_entries]
         if unit.host_nbytes:
             unit.host = pinned_host_buffer(unit.host_nbytes, pin)
@@ -414,7 +410,7 @@ class Placement:
 
     @staticmethod
     def _view(flat: torch.Tensor, entry: _Entry) -> torch.Tensor:
-        return flat[entry.offset : entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
+        return flat_view(flat, entry.offset, entry.nbytes, entry.dtype, entry.shape)
 
     def _hook(self, comp: _Component) -> None:
         def activate_and_move(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
