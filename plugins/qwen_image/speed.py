@@ -82,6 +82,8 @@ class SpeedConfig:
         compile: Regional `torch.compile` of the blocks.
         compile_backend: torch.compile backend ("inductor"; "eager"/"aot_eager" for tests).
         dynamic: Compile with dynamic sequence lengths (no recompiles for new sizes).
+        fused_gelu: Run the MLP up-projections with bias and GELU in the GEMM epilogue (`fused.linear_gelu_tanh`;
+            inference only, layers with LoRA/FP8 hooks keep the plain path).
         fp8: FP8 compute for the block linears (lossy).
         fp8_modulation: Also run the modulation linears in FP8 (more loss, less weight traffic).
         fp8_keep_bf16: Keep the bf16 weights next to the FP8 copies (+50% DiT memory; `disable_speed` restores them
@@ -97,6 +99,7 @@ class SpeedConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     dynamic: bool = True
+    fused_gelu: bool = False
     fp8: bool = False
     fp8_modulation: bool = False
     fp8_keep_bf16: bool = True
@@ -126,12 +129,13 @@ class SpeedConfig:
 # Step-cache threshold of the "cache" profiles: see docs/benchmarks.md for the skip rate and error it gave.
 DEFAULT_CACHE_THRESHOLD = 0.2
 
+_EXACT: dict[str, Any] = {"compile": True, "fused_gelu": True}
 PROFILES: dict[str, dict[str, Any]] = {
     "off": {},
-    "exact": {"compile": True},
-    "fp8": {"compile": True, "fp8": True},
-    "cache": {"compile": True, "step_cache": DEFAULT_CACHE_THRESHOLD},
-    "fastest": {"compile": True, "fp8": True, "step_cache": DEFAULT_CACHE_THRESHOLD},
+    "exact": _EXACT,
+    "fp8": {**_EXACT, "fp8": True},
+    "cache": {**_EXACT, "step_cache": DEFAULT_CACHE_THRESHOLD},
+    "fastest": {**_EXACT, "fp8": True, "step_cache": DEFAULT_CACHE_THRESHOLD},
 }
 PROFILE_NAMES = ("auto", *PROFILES)
 """Names `--speed` takes; "auto" is "exact" where it pays (CUDA with Triton), else "off"."""
@@ -222,6 +226,7 @@ def enable_speed(dit: QwenImageDiT, profile: str | SpeedConfig = "auto", **overr
     config = resolve_profile(profile, device, **overrides)
     state = SpeedState(config=config, previous_attention=dit.attention_backend)
     dit.set_attention_backend(config.attention)
+    set_fused_gelu(dit, config.fused_gelu)
     if config.fp8:
         state.fp8_mode = enable_fp8_compute(
             dit, modulation=config.fp8_modulation, keep_bf16=config.fp8_keep_bf16, device=device
@@ -258,8 +263,16 @@ def disable_speed(dit: QwenImageDiT) -> None:
         uncompile_blocks(dit)
     if state.fp8_mode is not None:
         disable_fp8_compute(dit)
+    set_fused_gelu(dit, False)
     dit.set_attention_backend(state.previous_attention)
     dit._speed_state = None
+
+
+def set_fused_gelu(dit: QwenImageDiT, enabled: bool) -> None:
+    """Switch the GEMM-epilogue GELU of every block MLP (see `SpeedConfig.fused_gelu`)."""
+    for block in dit.transformer_blocks:
+        for mlp in (block.img_mlp, block.txt_mlp):
+            mlp.net[0].fused_gelu = enabled
 
 
 # ----------------------------------------------------------------------------------------------------------------------

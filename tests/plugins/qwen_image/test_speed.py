@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from imagezoo.errors import InputError
-from imagezoo.plugins.qwen_image import attention, speed
+from imagezoo.plugins.qwen_image import attention, fused, speed
+from imagezoo.plugins.qwen_image import dit as dit_module
 from imagezoo.plugins.qwen_image.dit import DiTParams, QwenImageDiT
 
 TOL = 1e-5
@@ -92,6 +93,57 @@ def test_padded_batch_split_per_sample(dit) -> None:
     assert isinstance(dit._joint_mask(mask, None, 2, 7, n_img, cpu), torch.Tensor)
 
 
+def test_padded_batch_shares_linears_and_attends_per_sample(dit) -> None:
+    latents, sigma, text, mask = _padded_batch()
+    dit.split_padded_batches = True
+    with torch.no_grad():
+        masked_dit = dit(latents, sigma, text, mask)
+        assert dit.share_padded_linears  # the default: weights read once for the batch
+        shared = dit(latents, sigma, text, mask)
+        dit.share_padded_linears = False
+        apart = dit(latents, sigma, text, mask)
+        # The text stream too: real rows as when each sample runs alone, padded rows as they came in.
+        img, txt, temb_act, img_freqs, txt_freqs = _block_inputs(dit, latents, sigma, text)
+        apart_blocks = dit.run_blocks(0, 3, img, txt, temb_act, img_freqs, txt_freqs, (7, 4))
+        dit.share_padded_linears = True
+        dit.block_evaluations = 0
+        shared_blocks = dit.run_blocks(0, 3, img, txt, temb_act, img_freqs, txt_freqs, (7, 4))
+    assert dit.block_evaluations == 3
+    assert (shared - apart).abs().max().item() <= TOL
+    assert (shared - masked_dit).abs().max().item() <= TOL
+    for got, ref in zip(shared_blocks, apart_blocks, strict=True):
+        assert (got - ref).abs().max().item() <= TOL
+    assert torch.equal(shared_blocks[1][1, 4:], txt[1, 4:])
+    assert not torch.equal(shared_blocks[1][1, :4], txt[1, :4])
+
+
+def test_mask_facts_are_read_once_per_mask_tensor(dit) -> None:
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    assert dit._mask_facts(mask) == ([7, 4], True)
+    assert dit._mask_cache[0]() is mask  # the next step's call with this tensor reads no GPU value
+    mask[0, 5:] = False  # changed in place: the version counter tells
+    assert dit._mask_facts(mask) == ([5, 4], True)
+    other = mask.flip(1)  # another tensor: read again (left padding is no prefix)
+    assert dit._mask_facts(other) == ([5, 4], False)
+    with torch.inference_mode():  # inference tensors have no version counter: the tensor object is the key
+        frozen = torch.ones(1, 3, dtype=torch.bool)
+        assert dit._mask_facts(frozen) == ([3], True)
+        assert dit._mask_cache[1] is None and dit._mask_facts(frozen) == ([3], True)
+
+
+def _block_inputs(dit: QwenImageDiT, latents, sigma, text):
+    """What `QwenImageDiT.forward` hands the blocks (for `run_blocks` called directly)."""
+    from imagezoo.plugins.qwen_image.dit import _timestep_sinusoid, pack_latents
+
+    img = dit.img_in(pack_latents(latents))
+    txt = dit.txt_in(dit.txt_norm(text))
+    temb_act = F.silu(dit.time_text_embed.timestep_embedder(_timestep_sinusoid(sigma)))
+    h, w = latents.shape[2] // 2, latents.shape[3] // 2
+    txt_freqs = dit._default_text_freqs(max(h // 2, w // 2), text.shape[1], latents.device)
+    return img, txt, temb_act, dit._image_freqs(h, w, latents.device), txt_freqs
+
+
 def test_varlen_key_order_equals_masked_attention() -> None:
     gen = torch.Generator().manual_seed(5)
     b, n_txt, n_img, heads, dim = 3, 6, 10, 2, 8
@@ -158,11 +210,11 @@ def _sweep(dit: QwenImageDiT) -> list[torch.Tensor]:
 def test_compiled_blocks_exact_and_no_recompiles(dit) -> None:
     # Inductor where a C compiler exists (the real thing), else dynamo alone: the recompile logic is the same.
     backend = "inductor" if speed.compile_available(torch.device("cpu")) else "eager"
-    dit.split_padded_batches = True  # the GPU path: CFG batches run sample by sample through the same graph
+    dit.split_padded_batches = True  # the GPU path: CFG batches attend per sample, unmasked
     with torch.no_grad():
         expected = _sweep(dit)
         state = dit.enable_speed("exact", compile_backend=backend)
-        assert state.config.compile and state.counter.compiles == 0
+        assert state.config.compile and state.config.fused_gelu and state.counter.compiles == 0
         # Warm-up: one resolution and prompt length per variant (batch 1 unmasked, batch 2 padded).
         dit(*_inputs(*SIZES[0], LENGTHS[0]))
         latents, sigma, text, mask = _padded_batch()
@@ -177,6 +229,46 @@ def test_compiled_blocks_exact_and_no_recompiles(dit) -> None:
         assert all(block._compiled_call_impl is None for block in dit.transformer_blocks)
     for out, ref in zip(got, expected, strict=True):
         assert (out - ref).abs().max().item() <= TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fused GELU epilogue
+
+
+def test_fused_gelu_equals_unfused_and_respects_hooks(dit, monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(32, 48)
+    x = torch.randn(2, 5, 32, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(fused.linear_gelu_tanh(x, linear.weight, linear.bias), F.gelu(linear(x), approximate="tanh"))
+    assert fused.is_plain_linear(linear)
+    handle = linear.register_forward_hook(lambda module, args, out: out * 2)  # how LoRA attaches
+    assert not fused.is_plain_linear(linear)
+    handle.remove()
+
+    fused_calls, hooked_calls = [], []
+
+    def counting(*args):
+        fused_calls.append(1)
+        return fused.linear_gelu_tanh(*args)
+
+    monkeypatch.setattr(dit_module, "linear_gelu_tanh", counting)
+    latents, sigma, text, mask = _padded_batch()
+    proj = dit.transformer_blocks[0].img_mlp.net[0]
+    with torch.no_grad():
+        expected = dit(latents, sigma, text, mask)
+        assert not fused_calls
+        dit.enable_speed("off", fused_gelu=True)
+        assert proj.fused_gelu
+        got = dit(latents, sigma, text, mask)
+        assert len(fused_calls) == 2 * PARAMS.num_layers - 1  # both streams; the last block has no text MLP
+        hook = proj.proj.register_forward_hook(lambda module, args, out: hooked_calls.append(1))
+        dit(latents, sigma, text, mask)
+        hook.remove()
+        dit.disable_speed()
+    assert not proj.fused_gelu
+    assert hooked_calls == [1]  # a hooked layer (LoRA, FP8 storage) keeps the plain path
+    assert (got - expected).abs().max().item() <= TOL
 
 
 # ----------------------------------------------------------------------------------------------------------------------
