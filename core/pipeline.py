@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from imagezoo.config import ModelConfig
 from imagezoo.errors import InputError, NumericalError, PluginError, WeightsError
+from imagezoo.finite import FiniteWatch
 from imagezoo.guidance import guide
 from imagezoo.images import pil_to_tensor, tensor_to_float_array, tensor_to_pil
 from imagezoo.interfaces import Components, GenerationContext, ModelFamily, Sampler, TextConditioning
@@ -452,6 +453,13 @@ class Pipeline(LoraMixin):
         shape = (batch, self.vae.latent_channels, height // self.vae.spatial_factor, width // self.vae.spatial_factor)
         return torch.randn(shape, generator=generator, device=rand_device, dtype=torch.float32)
 
+    def _non_finite(self, index: int, sigma: float, n_steps: int) -> NumericalError:
+        return NumericalError(
+            f"Non-finite values (NaN/inf) appeared in the latents at step {index + 1}/{n_steps} "
+            f"(sigma={sigma:.4f}, dtype={self.dtype}). Likely cause: overflow in low precision (fp16 "
+            "overflows past 65504); use torch.bfloat16 or torch.float32, or check LoRA scales and inputs."
+        )
+
     def predict_velocity(
         self,
         latents: torch.Tensor,
@@ -460,8 +468,14 @@ class Pipeline(LoraMixin):
         uncond: TextConditioning | None,
         cfg_scale: float,
         cfg_rescale: bool,
+        *,
+        batched: TextConditioning | None = None,
     ) -> torch.Tensor:
-        """The (guided) velocity for float32 latents at `sigma`; CFG runs as one batched forward."""
+        """The (guided) velocity for float32 latents at `sigma`; CFG runs as one batched forward.
+
+        `batched`: `cond` and `uncond` already joined into one right-padded batch (a loop passes the same one at
+        every step); built here when None.
+        """
         batch = latents.shape[0]
         x = latents.to(self.dtype)
         if uncond is not None and (cond.extras or uncond.extras):
@@ -473,7 +487,8 @@ class Pipeline(LoraMixin):
         if uncond is None:
             text, x_in = cond, x
         else:
-            text, x_in = _pad_text([cond, uncond]), torch.cat([x, x])
+            text = batched if batched is not None else _pad_text([cond, uncond])
+            x_in = torch.cat([x, x])
         sigmas = torch.full((x_in.shape[0],), sigma, device=x.device, dtype=self.dtype)
         velocity = self.denoiser(x_in, sigmas, text).float()
         if uncond is None:
@@ -613,18 +628,23 @@ class Pipeline(LoraMixin):
             clean = clean.expand(batch, -1, -1, -1) if clean.shape[0] == 1 else clean
             x = sigmas[0] * noise + (1.0 - sigmas[0]) * clean
 
-        for index in progress_bar_cmd(range(len(sigmas) - 1)):
+        # One padded CFG batch for the whole loop: the denoiser then sees the same text tensors at every step (and may
+        # keep what it derived from them on the host, instead of syncing with the GPU each step to derive it again).
+        batched = _pad_text([cond, uncond]) if uncond is not None and not (cond.extras or uncond.extras) else None
+        watch = FiniteWatch(x.device)
+        n_steps = len(sigmas) - 1
+        for index in progress_bar_cmd(range(n_steps)):
             sigma, sigma_next = sigmas[index], sigmas[index + 1]
-            velocity = self.predict_velocity(x, sigma, cond, uncond, float(cfg_scale), rescale)
+            velocity = self.predict_velocity(x, sigma, cond, uncond, float(cfg_scale), rescale, batched=batched)
             x = chosen_sampler.step(x, velocity, sigma, sigma_next)
-            if not torch.isfinite(x).all():
-                raise NumericalError(
-                    f"Non-finite values (NaN/inf) appeared in the latents at step {index + 1}/{len(sigmas) - 1} "
-                    f"(sigma={sigma:.4f}, dtype={self.dtype}). Likely cause: overflow in low precision (fp16 "
-                    "overflows past 65504); use torch.bfloat16 or torch.float32, or check LoRA scales and inputs."
-                )
+            bad = watch.push(x, (index, sigma))
+            if bad is not None:
+                raise self._non_finite(*bad, n_steps)
             if step_callback is not None:
                 step_callback(index, sigma_next, x)
+        bad = watch.finish()
+        if bad is not None:
+            raise self._non_finite(*bad, n_steps)
 
         if output_type == "latent":
             return x

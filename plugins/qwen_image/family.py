@@ -33,12 +33,12 @@ class QwenDenoiser:
 
     def __call__(self, latents: torch.Tensor, sigma: torch.Tensor, text: TextConditioning) -> torch.Tensor:
         extras = text.extras or {}
-        mask = None if bool(text.mask.all()) else text.mask
+        # The mask goes in as is, all-true or not: the DiT reads it on the host once per mask tensor, not per step.
         return self.dit(
             latents,
             sigma,
             text.embeds.to(latents.dtype),
-            mask,
+            text.mask,
             text_positions=extras.get("text_positions"),
             attention_mask=extras.get("attention_mask"),
         )
