@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from report import versions, write_json
 
 from imagezoo.interfaces import Components
-from imagezoo.plugins.qwen_image import speed
+from imagezoo.plugins.qwen_image import fused, speed
 from imagezoo.plugins.qwen_image.dit import REAL_DIT, TINY_DIT, DiTParams, QwenImageDiT, pack_latents, unpack_latents
 from imagezoo.plugins.qwen_image.family import QwenDenoiser
 from imagezoo.plugins.qwen_image.text_encoder import REAL_TEXT_ENCODER, TINY_TEXT_ENCODER, QwenTextEncoder
@@ -337,6 +337,10 @@ def section_gemm(args: argparse.Namespace, rec: Recorder, device: torch.device, 
                 x, wq, ws.reshape(1, -1), b, mode, torch.bfloat16
             ),
         }
+        if n == 4 * width:  # the MLP up-projection: GELU after the GEMM, or in its epilogue
+            ref_gelu = F.gelu(ref, approximate="tanh")
+            runs["bf16_gelu"] = lambda x=x, w=w, b=b: F.gelu(F.linear(x, w, b), approximate="tanh")
+            runs["fused_gelu"] = lambda x=x, w=w, b=b: fused.linear_gelu_tanh(x, w, b)
         for name, fn in runs.items():
             case = {"op": "linear", "m": m, "k": k, "n": n, "kind": name}
             try:
@@ -346,7 +350,8 @@ def section_gemm(args: argparse.Namespace, rec: Recorder, device: torch.device, 
                 rec.add("imagezoo", case, error=str(exc).splitlines()[0][:200])
                 continue
             tflops = flops / (timing["ms"] * 1e-3) / 1e12
-            rec.add("imagezoo", case, rel_err=round(rel_err(out, ref), 5), tflops=round(tflops, 1), **timing)
+            target = ref_gelu if name.endswith("gelu") else ref
+            rec.add("imagezoo", case, rel_err=round(rel_err(out, target), 5), tflops=round(tflops, 1), **timing)
 
 
 def dit_inputs(size: int, batch: int, n_txt: int, device: torch.device, params: DiTParams, seed: int = 5):
@@ -433,7 +438,27 @@ def section_dit(
         state = dit.enable_speed("exact")
         measure("imagezoo", "exact", lambda inputs: run_ours(dit, inputs))
         rec.add("imagezoo", {"op": "compile_count", "variant": "exact"}, compiles=state.counter.compiles)
+        if args.explore:
+            for label, options in EXPLORE_VARIANTS.items():
+                apply_variant(dit, options)
+                measure("imagezoo", label, lambda inputs: run_ours(dit, inputs), batch2_only="share" in options)
+            dit.share_padded_linears = True
+            dit.enable_speed("exact")
     return outputs["exact"]
+
+
+# Exact settings other than the profile's, timed side by side with `--explore`: DiT attributes and speed options.
+EXPLORE_VARIANTS: dict[str, dict[str, Any]] = {
+    "exact-apart": {"share": False},
+    "exact-gelu": {"fused_gelu": False},
+}
+
+
+def apply_variant(dit: QwenImageDiT, options: dict[str, Any]) -> None:
+    """The `exact` profile with one of `EXPLORE_VARIANTS` on top."""
+    options = dict(options)
+    dit.share_padded_linears = options.pop("share", True)
+    dit.enable_speed("exact", **options)
 
 
 def section_fp8_dit(
@@ -511,58 +536,68 @@ def section_recompile(args: argparse.Namespace, rec: Recorder, device: torch.dev
         )
 
 
+def kernel_profile(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """Wall time of one `fn()`, GPU-busy share (union of kernel intervals) and kernel time by kind (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        wall = (time.perf_counter() - t0) * 1e6
+    groups = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    kernels: dict[str, float] = {}
+    spans = []
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name
+        spans.append((event.time_range.start, event.time_range.end))
+        us = event.time_range.elapsed_us()
+        low = name.lower()
+        if any(t in low for t in ("flash", "fmha", "sdpa", "attention", "attn")) and "triton" not in low:
+            group = "attention"
+        elif any(t in low for t in ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "scaled_mm", "matmul")):
+            group = "gemm"
+        else:
+            group = "other"
+        groups[group] += us
+        kernels[name[:90]] = kernels.get(name[:90], 0.0) + us
+    busy = 0.0  # overlapping kernels count once
+    end = -math.inf
+    for start, stop in sorted(spans):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "wall_ms": round(wall / 1000, 2),
+        "kernel_ms": round(sum(groups.values()) / 1000, 2),
+        "busy_share": round(busy / wall, 3),
+        "group_ms": {k: round(v / 1000, 2) for k, v in groups.items()},
+        "top_kernels": [(k, round(v / 1000, 2)) for k, v in top],
+    }
+
+
 def section_profile(args: argparse.Namespace, rec: Recorder, device: torch.device, dit: QwenImageDiT) -> None:
     """GPU-busy share of one forward and where the kernel time goes (eager and compiled)."""
     if device.type != "cuda":
         return
-    from torch.profiler import ProfilerActivity, profile
-
     size = args.sizes[0]
     inputs = dit_inputs(size, 1, args.text_len, device, dit.params)
     with torch.no_grad():
-        for label in ("eager-auto", "exact"):
+        labels = ["eager-auto", "exact", *(["exact-gelu"] if args.explore else [])]
+        for label in labels:
             dit.disable_speed()
-            if label == "exact":
+            if label in EXPLORE_VARIANTS:
+                apply_variant(dit, EXPLORE_VARIANTS[label])
+            elif label == "exact":
                 dit.enable_speed("exact")
             run_ours(dit, inputs)
             sync(device)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                t0 = time.perf_counter()
-                run_ours(dit, inputs)
-                sync(device)
-                wall = (time.perf_counter() - t0) * 1e6
-            groups = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
-            kernels: dict[str, float] = {}
-            spans = []
-            for event in prof.events():
-                if event.device_type != torch.autograd.DeviceType.CUDA:
-                    continue
-                name = event.name
-                spans.append((event.time_range.start, event.time_range.end))
-                us = event.time_range.elapsed_us()
-                low = name.lower()
-                if any(t in low for t in ("flash", "fmha", "sdpa", "attention", "attn")) and "triton" not in low:
-                    group = "attention"
-                elif any(t in low for t in ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "scaled_mm", "matmul")):
-                    group = "gemm"
-                else:
-                    group = "other"
-                groups[group] += us
-                kernels[name[:90]] = kernels.get(name[:90], 0.0) + us
-            busy = 0.0  # union of kernel intervals: overlapping kernels count once
-            end = -math.inf
-            for start, stop in sorted(spans):
-                busy += max(0.0, stop - max(start, end))
-                end = max(end, stop)
-            top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
             rec.add(
                 "imagezoo",
                 {"op": "profile", "size": size, "batch": 1, "variant": label},
-                wall_ms=round(wall / 1000, 2),
-                kernel_ms=round(sum(groups.values()) / 1000, 2),
-                busy_share=round(busy / wall, 3),
-                group_ms={k: round(v / 1000, 2) for k, v in groups.items()},
-                top_kernels=[(k, round(v / 1000, 2)) for k, v in top],
+                **kernel_profile(lambda: run_ours(dit, inputs), device),
             )
         if args.explore:
             section_cuda_graph(rec, device, dit, inputs)
@@ -714,12 +749,20 @@ def section_pipeline(
         result = run("imagezoo", "exact", size, ours)
         if result is not None:
             exact[size] = result
+        if args.explore and device.type == "cuda":  # what the GPU does between DiT forwards, over a few steps
+            with torch.inference_mode():
+                profiled = kernel_profile(functools.partial(ours, size, 4), device)
+            rec.add("imagezoo", {"op": "profile", "size": size, "pipeline_steps": 4, "variant": "exact"}, **profiled)
         if ref_pipe is not None and "diffusers" in args.pipeline_variants:
             run("diffusers", "diffusers", size, theirs)
         for threshold in args.cache_thresholds if "cache" in args.pipeline_variants else ():
             dit.enable_speed("cache", step_cache=threshold)
             run("imagezoo", f"cache@{threshold:g}", size, ours, threshold=threshold)
         if args.explore:
+            for label, options in EXPLORE_VARIANTS.items():
+                apply_variant(dit, options)
+                run("imagezoo", label, size, ours)
+            dit.share_padded_linears = True
             dit.enable_speed("off")
             run("imagezoo", "eager-auto", size, ours)
     # FP8 last: without the diffusers reference holding the bf16 tensors, they are freed (fp8_keep_bf16=False).
