@@ -272,6 +272,7 @@ class Recorder:
 # Sections
 
 
+@torch.no_grad()  # inference: with autograd on, key padding would take the masked (trainable) kernels instead
 def section_attention(args: argparse.Namespace, rec: Recorder, device: torch.device, params: DiTParams) -> None:
     from imagezoo.plugins.qwen_image import attention
 
