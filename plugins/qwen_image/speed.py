@@ -6,7 +6,8 @@ Exact options (same function, float rounding aside):
 - regional `torch.compile` of the repeated block: one compiled graph serves the blocks (their code is shared and
   parameters are graph inputs), which fuses modulation, LayerNorm, q/k RMSNorm, RoPE, GELU and the gated residuals.
   Sequence lengths are dynamic from the first compile, so new resolutions and prompt lengths reuse the graph;
-  `CompileCounter` counts every graph compiled, so a benchmark can show that nothing recompiles after warm-up.
+  `CompileCounter` counts every graph compiled, so a benchmark can show that nothing recompiles after warm-up;
+- the MLP up-projection with its GELU in the GEMM epilogue (`fused.linear_gelu_tanh`).
 
 Lossy options (opt-in, their cost measured in docs/benchmarks.md):
 
@@ -19,7 +20,7 @@ Lossy options (opt-in, their cost measured in docs/benchmarks.md):
 
 Profiles (`PROFILES`): "off", "auto"/"exact" (best exact settings for the device), "fp8", "cache", "fastest"
 (fp8 + cache). CUDA graphs are not used: a compiled 1024² forward keeps an H100 busy for 95% of its wall time and a
-replayed graph of it was 2% faster (docs/benchmarks.md), not worth a capture per shape and the syncs it forbids.
+replayed graph of it was 2-3% faster (docs/benchmarks.md), not worth a capture per shape and the syncs it forbids.
 """
 
 from __future__ import annotations
