@@ -621,8 +621,8 @@ class QwenImageDiT(nn.Module):
             storage-only dtype (e.g. fp8) say which dtype activations should use.
         step_cache: None (every step runs every block), or a `StepCache` that may skip blocks on some steps (lossy;
             set by `speed.enable_step_cache`). Ignored while gradients are recorded.
-        split_padded_batches: Whether a batch of right-padded prompts runs sample by sample on its real tokens with
-            dense attention (same result) instead of as one masked batch, in inference. None (default): on CUDA
+        split_padded_batches: Whether a batch of right-padded prompts attends sample by sample on its real tokens
+            with dense attention (same result) instead of as one masked batch, in inference. None (default): on CUDA
             with the "auto" attention backend, where it was measured faster (docs/speed.md).
         share_padded_linears: When a right-padded batch attends per sample (`split_padded_batches`), keep it whole
             for everything but the attention (default True: each weight read once per batch, one GEMM per
@@ -666,7 +666,7 @@ class QwenImageDiT(nn.Module):
         self._speed_state: Any = None
         # Plain dict, not buffers: a meta-built module must run after state-dict assignment with nothing to re-init.
         self._rope_cache: dict[tuple[Any, ...], Tensor] = {}
-        self._mask_cache: tuple[Any, int | None, list[int], bool] | None = None
+        self._mask_cache: tuple[Any, int | None, tuple[int, ...], bool] | None = None
 
     def memory_split_batches(self, enabled: bool) -> bool:
         """Set `split_batches` (declaration for memory strategies); returns the previous value, to restore."""
@@ -965,7 +965,7 @@ class QwenImageDiT(nn.Module):
         self.block_evaluations += max(stop - start, 0)  # a batch's block counts once
         return img, txt
 
-    def _mask_facts(self, text_mask: Tensor) -> tuple[list[int], bool]:
+    def _mask_facts(self, text_mask: Tensor) -> tuple[tuple[int, ...], bool]:
         """Real tokens per sample, and whether each sample's real tokens are a prefix (right padding).
 
         Reading them costs a host sync, which drains the GPU queue; a pipeline passes the same mask tensor at every
@@ -981,8 +981,8 @@ class QwenImageDiT(nn.Module):
         is_prefix = (mask == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all()
         # One host sync for both facts, repaid by dense attention kernels.
         *counts, prefix = torch.cat([lengths, is_prefix.reshape(1).long()]).tolist()
-        self._mask_cache = (weakref.ref(text_mask), version, counts, bool(prefix))
-        return counts, bool(prefix)
+        self._mask_cache = (weakref.ref(text_mask), version, tuple(counts), bool(prefix))
+        return tuple(counts), bool(prefix)
 
     def _joint_mask(
         self,
@@ -1024,12 +1024,12 @@ class QwenImageDiT(nn.Module):
         counts, prefix = self._mask_facts(text_mask)
         text_mask = text_mask.to(device=device, dtype=torch.bool)
         if min(counts) == n_txt:
-            return tuple(counts) if split_all else None
+            return counts if split_all else None
         split = split_all or self.split_padded_batches
         if split is None:  # the default: where dense-per-sample was measured to beat masked kernels
             split = device.type == "cuda" and self.attention_backend == "auto"
         if split and prefix and min(counts) > 0 and not torch.is_grad_enabled():
-            return tuple(int(c) for c in counts)
+            return counts
         keys = torch.cat([text_mask, text_mask.new_ones(b, n_img)], dim=1)
         return keys[:, None, None, :]
 

@@ -120,16 +120,16 @@ def test_padded_batch_shares_linears_and_attends_per_sample(dit) -> None:
 def test_mask_facts_are_read_once_per_mask_tensor(dit) -> None:
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 4:] = False
-    assert dit._mask_facts(mask) == ([7, 4], True)
+    assert dit._mask_facts(mask) == ((7, 4), True)
     assert dit._mask_cache[0]() is mask  # the next step's call with this tensor reads no GPU value
     mask[0, 5:] = False  # changed in place: the version counter tells
-    assert dit._mask_facts(mask) == ([5, 4], True)
+    assert dit._mask_facts(mask) == ((5, 4), True)
     other = mask.flip(1)  # another tensor: read again (left padding is no prefix)
-    assert dit._mask_facts(other) == ([5, 4], False)
+    assert dit._mask_facts(other) == ((5, 4), False)
     with torch.inference_mode():  # inference tensors have no version counter: the tensor object is the key
         frozen = torch.ones(1, 3, dtype=torch.bool)
-        assert dit._mask_facts(frozen) == ([3], True)
-        assert dit._mask_cache[1] is None and dit._mask_facts(frozen) == ([3], True)
+        assert dit._mask_facts(frozen) == ((3,), True)
+        assert dit._mask_cache[1] is None and dit._mask_facts(frozen) == ((3,), True)
 
 
 def _block_inputs(dit: QwenImageDiT, latents, sigma, text):
