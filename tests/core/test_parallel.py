@@ -7,6 +7,8 @@ Sequence parallelism is family code and is tested with the Qwen-Image plugin (te
 from __future__ import annotations
 
 import operator
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -144,6 +146,22 @@ def test_launch_checks_arguments(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="launcher started 2"):
         launch(ParallelPipeline, "from_registry", ("tiny",), {}, gpus=3, mode="auto")
+
+
+def test_a_group_imagezoo_started_is_left_at_exit():
+    # In a fresh interpreter: the exit hook must destroy the group (a live gloo group at teardown can abort).
+    script = (
+        "import atexit, socket, torch.distributed as dist\n"
+        "from imagezoo.parallel import init_distributed\n"
+        "sock = socket.socket(); sock.bind(('127.0.0.1', 0)); port = sock.getsockname()[1]; sock.close()\n"
+        "env = init_distributed('cpu', rank=0, world_size=1, init_method=f'tcp://127.0.0.1:{port}')\n"
+        "assert env.owns_group and dist.is_initialized()\n"
+        "atexit._run_exitfuncs()\n"
+        "print('initialized after exit hooks:', dist.is_initialized())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "initialized after exit hooks: False" in done.stdout
 
 
 def test_one_gpu_is_a_plain_pipeline(models_dir):
