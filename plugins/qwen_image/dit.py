@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from imagezoo.errors import ConfigError, InputError, WeightsError
 from imagezoo.plugins.qwen_image.attention import check_backend, dense_attention, joint_attention
-from imagezoo.plugins.qwen_image.fused import is_plain_linear, linear_gelu_tanh
+from imagezoo.plugins.qwen_image.fused import is_plain_linear, joint_qk_norm_rope, linear_gelu_tanh
 from imagezoo.state_dict import assign_state_dict
 
 _CLASS_NAME = "QwenImageTransformer2DModel"
@@ -405,6 +405,7 @@ class _JointAttention(nn.Module):
         self.backend = "auto"
         self.attention_fn: Any = None
         self.low_activation = False
+        self.fused_qk = False
         self.to_q = nn.Linear(width, width)
         self.to_k = nn.Linear(width, width)
         self.to_v = nn.Linear(width, width)
@@ -434,35 +435,49 @@ class _JointAttention(nn.Module):
             return _apply_rope(norm(proj(x).view(heads)), freqs)
 
         if isinstance(txt_freqs, tuple):
-            return self._attention_per_sample(img, txt, img_freqs, txt_freqs, text_out, qk, heads)
-        if self.low_activation and mask is None and self.attention_fn is None:
+            return self._attention_per_sample(img, txt, img_freqs, txt_freqs, text_out, heads)
+        if mask is None and self.attention_fn is None and (self.low_activation or self.fused_qk):
             # Joint tensors built from temporaries: no per-stream copy stays alive through the attention kernel.
-            out = dense_attention(
-                torch.cat(
-                    [
-                        qk(txt, self.add_q_proj, self.norm_added_q, txt_freqs),
-                        qk(img, self.to_q, self.norm_q, img_freqs),
-                    ],
-                    1,
+            q = (
+                self._joint_qk(
+                    self.add_q_proj(txt).view(heads),
+                    self.to_q(img).view(heads),
+                    self.norm_added_q,
+                    self.norm_q,
+                    txt_freqs,
+                    img_freqs,
                 )
                 if text_out
-                else qk(img, self.to_q, self.norm_q, img_freqs),
-                torch.cat(
-                    [
-                        qk(txt, self.add_k_proj, self.norm_added_k, txt_freqs),
-                        qk(img, self.to_k, self.norm_k, img_freqs),
-                    ],
-                    1,
-                ),
-                torch.cat([self.add_v_proj(txt).view(heads), self.to_v(img).view(heads)], 1),
-                self.backend,
-            ).reshape(b, -1, width)
+                else qk(img, self.to_q, self.norm_q, img_freqs)
+            )
+            k = self._joint_qk(
+                self.add_k_proj(txt).view(heads),
+                self.to_k(img).view(heads),
+                self.norm_added_k,
+                self.norm_k,
+                txt_freqs,
+                img_freqs,
+            )
+            v = torch.cat([self.add_v_proj(txt).view(heads), self.to_v(img).view(heads)], 1)
+            out = dense_attention(q, k, v, self.backend).reshape(b, -1, width)
         else:
             out = self._attention(img, txt, img_freqs, txt_freqs, mask, text_out, qk, heads).reshape(b, -1, width)
         if not text_out:
             return self.to_out[0](out), None
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+
+    def _joint_qk(
+        self, txt: Tensor, img: Tensor, txt_norm: _RMSNorm, img_norm: _RMSNorm, txt_freqs: Tensor, img_freqs: Tensor
+    ) -> Tensor:
+        """[rope(norm(txt)), rope(norm(img))] along the tokens, from (B, L|S, H, D) projections.
+
+        With `fused_qk` (a speed option), one op reads the projections and writes the joint tensor
+        (`fused.joint_qk_norm_rope`: one kernel per stream on CUDA); otherwise per stream, then joined.
+        """
+        if self.fused_qk:
+            return joint_qk_norm_rope(txt, img, txt_norm.weight, img_norm.weight, txt_freqs, img_freqs, img_norm.eps)
+        return torch.cat([_apply_rope(txt_norm(txt), txt_freqs), _apply_rope(img_norm(img), img_freqs)], 1)
 
     def _attention_per_sample(
         self,
@@ -471,7 +486,6 @@ class _JointAttention(nn.Module):
         img_freqs: Tensor,
         txt_freqs: tuple[Tensor, ...],
         text_out: bool,
-        qk: Any,
         heads: tuple[int, ...],
     ) -> tuple[Tensor, Tensor | None]:
         """A right-padded batch: projections over the whole batch, dense attention per sample on its real text.
@@ -480,23 +494,22 @@ class _JointAttention(nn.Module):
         size rather than a constant). Padded text rows get a zero attention output.
         """
         width = img.shape[-1]
-        img_q = qk(img, self.to_q, self.norm_q, img_freqs)
-        img_k = qk(img, self.to_k, self.norm_k, img_freqs)
-        img_v = self.to_v(img).view(heads)
-        txt_q = self.norm_added_q(self.add_q_proj(txt).view(heads)) if text_out else None
-        txt_k = self.norm_added_k(self.add_k_proj(txt).view(heads))
-        txt_v = self.add_v_proj(txt).view(heads)
+        img_q, img_k, img_v = (proj(img).view(heads) for proj in (self.to_q, self.to_k, self.to_v))
+        txt_q = self.add_q_proj(txt).view(heads) if text_out else None
+        txt_k, txt_v = self.add_k_proj(txt).view(heads), self.add_v_proj(txt).view(heads)
         n_txt = txt.shape[1]
         img_outs, txt_outs = [], []
         for i, freqs in enumerate(txt_freqs):
             n = freqs.shape[0]
-            k = torch.cat([_apply_rope(txt_k[i : i + 1, :n], freqs), img_k[i : i + 1]], 1)
-            v = torch.cat([txt_v[i : i + 1, :n], img_v[i : i + 1]], 1)
+            sample = slice(i, i + 1)
+            k = self._joint_qk(txt_k[sample, :n], img_k[sample], self.norm_added_k, self.norm_k, freqs, img_freqs)
+            v = torch.cat([txt_v[sample, :n], img_v[sample]], 1)
             if txt_q is None:
-                out = dense_attention(img_q[i : i + 1], k, v, self.backend).reshape(1, -1, width)
+                q = _apply_rope(self.norm_q(img_q[sample]), img_freqs)
+                out = dense_attention(q, k, v, self.backend).reshape(1, -1, width)
                 img_outs.append(self.to_out[0](out))
                 continue
-            q = torch.cat([_apply_rope(txt_q[i : i + 1, :n], freqs), img_q[i : i + 1]], 1)
+            q = self._joint_qk(txt_q[sample, :n], img_q[sample], self.norm_added_q, self.norm_q, freqs, img_freqs)
             out = dense_attention(q, k, v, self.backend).reshape(1, -1, width)
             # Row slices of one sample's output are contiguous: the projections read them in place.
             img_outs.append(self.to_out[0](out[:, n:]))

@@ -85,6 +85,8 @@ class SpeedConfig:
         dynamic: Compile with dynamic sequence lengths (no recompiles for new sizes).
         fused_gelu: Run the MLP up-projections with bias and GELU in the GEMM epilogue (`fused.linear_gelu_tanh`;
             inference only, layers with LoRA/FP8 hooks keep the plain path).
+        fused_qk: Normalize and rotate q/k of both streams straight into the joint attention input
+            (`fused.joint_qk_norm_rope`, Triton on CUDA) instead of per stream, then copied.
         fp8: FP8 compute for the block linears (lossy).
         fp8_modulation: Also run the modulation linears in FP8 (more loss, less weight traffic).
         fp8_keep_bf16: Keep the bf16 weights next to the FP8 copies (+50% DiT memory; `disable_speed` restores them
@@ -101,6 +103,7 @@ class SpeedConfig:
     compile_backend: str = "inductor"
     dynamic: bool = True
     fused_gelu: bool = False
+    fused_qk: bool = False
     fp8: bool = False
     fp8_modulation: bool = False
     fp8_keep_bf16: bool = True
@@ -130,7 +133,7 @@ class SpeedConfig:
 # Step-cache threshold of the "cache" profiles: see docs/benchmarks.md for the skip rate and error it gave.
 DEFAULT_CACHE_THRESHOLD = 0.2
 
-_EXACT: dict[str, Any] = {"compile": True, "fused_gelu": True}
+_EXACT: dict[str, Any] = {"compile": True, "fused_gelu": True, "fused_qk": True}
 PROFILES: dict[str, dict[str, Any]] = {
     "off": {},
     "exact": _EXACT,
@@ -227,7 +230,7 @@ def enable_speed(dit: QwenImageDiT, profile: str | SpeedConfig = "auto", **overr
     config = resolve_profile(profile, device, **overrides)
     state = SpeedState(config=config, previous_attention=dit.attention_backend)
     dit.set_attention_backend(config.attention)
-    set_fused_gelu(dit, config.fused_gelu)
+    set_fused_ops(dit, gelu=config.fused_gelu, qk=config.fused_qk)
     if config.fp8:
         state.fp8_mode = enable_fp8_compute(
             dit, modulation=config.fp8_modulation, keep_bf16=config.fp8_keep_bf16, device=device
@@ -264,16 +267,17 @@ def disable_speed(dit: QwenImageDiT) -> None:
         uncompile_blocks(dit)
     if state.fp8_mode is not None:
         disable_fp8_compute(dit)
-    set_fused_gelu(dit, False)
+    set_fused_ops(dit, gelu=False, qk=False)
     dit.set_attention_backend(state.previous_attention)
     dit._speed_state = None
 
 
-def set_fused_gelu(dit: QwenImageDiT, enabled: bool) -> None:
-    """Switch the GEMM-epilogue GELU of every block MLP (see `SpeedConfig.fused_gelu`)."""
+def set_fused_ops(dit: QwenImageDiT, *, gelu: bool, qk: bool) -> None:
+    """Switch the fused ops of every block (see `SpeedConfig.fused_gelu` and `SpeedConfig.fused_qk`)."""
     for block in dit.transformer_blocks:
         for mlp in (block.img_mlp, block.txt_mlp):
-            mlp.net[0].fused_gelu = enabled
+            mlp.net[0].fused_gelu = gelu
+        block.attn.fused_qk = qk
 
 
 # ----------------------------------------------------------------------------------------------------------------------

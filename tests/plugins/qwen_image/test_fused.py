@@ -1,0 +1,104 @@
+"""Fused DiT ops: the q/k norm + RoPE op equals the per-stream ops, on CPU, in Triton's interpreter and on CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagezoo.plugins.qwen_image import fused
+from imagezoo.plugins.qwen_image.dit import DiTParams, _apply_rope, _RMSNorm
+
+PARAMS = DiTParams(num_layers=3, num_heads=2, head_dim=16, text_dim=32, axes_dims=(4, 6, 6))
+TOL = 1e-5
+CUDA = torch.cuda.is_available()
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _streams(b: int, n_txt: int, n_img: int, heads: int, dim: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    txt = torch.randn(b, n_txt, heads, dim, generator=gen).to(dtype)
+    img = (3 * torch.randn(b, n_img, heads, dim, generator=gen)).to(dtype)
+    weights = (torch.rand(dim, generator=gen) + 0.5, torch.rand(dim, generator=gen) + 0.5)
+    angles = torch.randn(n_txt + n_img, dim // 2, generator=gen)
+    freqs = torch.stack([angles.cos(), angles.sin()], -1)
+    return txt, img, weights, freqs[:n_txt].contiguous(), freqs[n_txt:].contiguous()
+
+
+def _per_stream(txt, img, weights, txt_freqs, img_freqs, eps=1e-6):
+    """What the DiT computes without the fused op: each stream normalized and rotated, then joined."""
+    norms = []
+    for weight in weights:
+        norm = _RMSNorm(weight.shape[0], eps)
+        norm.weight.data.copy_(weight)
+        norms.append(norm)
+    with torch.no_grad():
+        return torch.cat([_apply_rope(norms[0](txt), txt_freqs), _apply_rope(norms[1](img), img_freqs)], 1)
+
+
+def test_joint_qk_norm_rope_equals_per_stream_ops() -> None:
+    txt, img, weights, txt_freqs, img_freqs = _streams(2, 5, 12, 3, 16)
+    out = fused.joint_qk_norm_rope(txt, img, *weights, txt_freqs, img_freqs, 1e-6)
+    assert out.shape == (2, 17, 3, 16)
+    assert (out - _per_stream(txt, img, weights, txt_freqs, img_freqs)).abs().max().item() <= TOL
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs on CPU)")
+def test_joint_qk_norm_rope_triton_kernel_interpreted() -> None:
+    # Interpreter mode is read when kernels are defined, so the kernel runs in a fresh interpreter.
+    script = textwrap.dedent(
+        """
+        import torch
+        from imagezoo.plugins.qwen_image import fused
+        from tests.plugins.qwen_image.test_fused import _streams
+        worst = 0.0
+        for shape, dtype in (((1, 5, 12, 2, 16), torch.float32), ((2, 3, 7, 3, 8), torch.float32),
+                             ((2, 3, 40, 24, 128), torch.bfloat16)):
+            txt, img, weights, tf, imf = _streams(*shape, dtype=dtype, seed=1)
+            ref = torch.cat([fused._norm_rope_reference(txt.float(), weights[0], tf, 1e-6),
+                             fused._norm_rope_reference(img.float(), weights[1], imf, 1e-6)], 1)
+            out = fused._launch_joint_qk_norm_rope(txt, img, *weights, tf, imf, 1e-6)
+            assert out.dtype == dtype and out.shape == ref.shape
+            ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-6  # one rounding of the output to the dtype
+            worst = max(worst, ((out.float() - ref).abs() - ulp * ref.abs()).max().item())
+        print(worst)
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) <= 1e-6
+
+
+def _dit_outputs(dit, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    latents = torch.randn(2, 16, 8, 12, generator=gen).to(device, dtype)
+    text = torch.randn(2, 7, PARAMS.text_dim, generator=gen).to(device, dtype)
+    sigma = torch.tensor([0.3, 0.3], device=device)
+    mask = torch.ones(2, 7, dtype=torch.bool, device=device)
+    mask[1, 4:] = False
+    with torch.no_grad():
+        return [dit(latents[:1], sigma[:1], text[:1]), dit(latents, sigma, text, mask)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA"))])
+def test_dit_with_fused_qk_equals_the_default(seeded_dit, device) -> None:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dit = seeded_dit(PARAMS).to(device, dtype)
+    dit.split_padded_batches = True  # the CFG batch attends per sample: the op runs on per-sample slices too
+    expected = _dit_outputs(dit, device, dtype)
+    dit.enable_speed("off", fused_qk=True)
+    assert all(block.attn.fused_qk for block in dit.transformer_blocks)
+    got = _dit_outputs(dit, device, dtype)
+    dit.disable_speed()
+    assert not dit.transformer_blocks[0].attn.fused_qk
+    tol = TOL if device == "cpu" else 2e-2  # bf16: the op rounds once, the per-stream ops twice
+    for out, ref in zip(got, expected, strict=True):
+        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() <= tol
