@@ -452,6 +452,7 @@ def section_dit(
 EXPLORE_VARIANTS: dict[str, dict[str, Any]] = {
     "exact-apart": {"share": False},
     "exact-gelu": {"fused_gelu": False},
+    "exact-qk": {"fused_qk": False},
 }
 
 
@@ -586,7 +587,7 @@ def section_profile(args: argparse.Namespace, rec: Recorder, device: torch.devic
     size = args.sizes[0]
     inputs = dit_inputs(size, 1, args.text_len, device, dit.params)
     with torch.no_grad():
-        labels = ["eager-auto", "exact", *(["exact-gelu"] if args.explore else [])]
+        labels = ["eager-auto", "exact", *(["exact-qk"] if args.explore else [])]
         for label in labels:
             dit.disable_speed()
             if label in EXPLORE_VARIANTS:
