@@ -7,7 +7,8 @@ Exact options (same function, float rounding aside):
   parameters are graph inputs), which fuses modulation, LayerNorm, q/k RMSNorm, RoPE, GELU and the gated residuals.
   Sequence lengths are dynamic from the first compile, so new resolutions and prompt lengths reuse the graph;
   `CompileCounter` counts every graph compiled, so a benchmark can show that nothing recompiles after warm-up;
-- the MLP up-projection with its GELU in the GEMM epilogue (`fused.linear_gelu_tanh`).
+- the MLP up-projection with its GELU in the GEMM epilogue (`fused.linear_gelu_tanh`);
+- q/k RMSNorm + RoPE of both streams written straight into the joint attention input (`fused.joint_qk_norm_rope`).
 
 Lossy options (opt-in, their cost measured in docs/benchmarks.md):
 
@@ -134,12 +135,15 @@ class SpeedConfig:
 DEFAULT_CACHE_THRESHOLD = 0.2
 
 _EXACT: dict[str, Any] = {"compile": True, "fused_gelu": True, "fused_qk": True}
+# FP8 leaves the fused q/k op out: its per-call host cost made the batch-1 FP8 forward host-bound on the H100
+# (1024²: 153.6 ms with it, 117.3 without; docs/benchmarks.md).
+_FP8: dict[str, Any] = {**_EXACT, "fp8": True, "fused_qk": False}
 PROFILES: dict[str, dict[str, Any]] = {
     "off": {},
     "exact": _EXACT,
-    "fp8": {**_EXACT, "fp8": True},
+    "fp8": _FP8,
     "cache": {**_EXACT, "step_cache": DEFAULT_CACHE_THRESHOLD},
-    "fastest": {**_EXACT, "fp8": True, "step_cache": DEFAULT_CACHE_THRESHOLD},
+    "fastest": {**_FP8, "step_cache": DEFAULT_CACHE_THRESHOLD},
 }
 PROFILE_NAMES = ("auto", *PROFILES)
 """Names `--speed` takes; "auto" is "exact" where it pays (CUDA with Triton), else "off"."""
