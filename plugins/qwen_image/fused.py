@@ -5,6 +5,9 @@
 GEMM and then read and rewritten by a GELU kernel. It is a custom op so that inductor keeps it whole rather than
 decomposing it back into a GEMM and a pointwise kernel. The epilogue applies GELU to the float32 accumulator before
 rounding to bf16, so it differs from the unfused path by float rounding only.
+
+`joint_qk_norm_rope` normalizes and rotates the q (or k) heads of both streams and writes them straight into the
+joint [text, image] attention input, one Triton kernel per stream; it rounds once where the unfused path rounds twice.
 """
 
 from __future__ import annotations
