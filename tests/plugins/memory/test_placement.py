@@ -135,14 +135,18 @@ def test_disk_host_memory_stays_flat_over_repeated_calls(clean, reference, gener
         t.numel() * t.element_size() for m in clean.components.modules.values() for t in m.state_dict().values()
     )
     generate(clean)
-    gc.collect()
-    before = rss_bytes()
-    for _ in range(4):
-        assert torch.equal(generate(clean), reference)
-    gc.collect()
-    grown = rss_bytes() - before
-    # A reader that kept what it read (or its memory maps) would grow by the model size at every call.
-    assert grown < model_bytes / 4, (grown, model_bytes)
+    growth = []
+    for _ in range(2):
+        gc.collect()
+        before = rss_bytes()
+        for _ in range(4):
+            assert torch.equal(generate(clean), reference)
+        gc.collect()
+        growth.append(rss_bytes() - before)
+    # A reader that kept what it read (or its memory maps) would grow by the model size at every call, in both
+    # rounds; a one-off rise from elsewhere in the process (the tiny model is 22 MB: allocator and thread noise from
+    # earlier tests reached 19 MB once in CI) shows in one round only.
+    assert min(growth) < model_bytes / 4, (growth, model_bytes)
 
 
 def test_disk_refuses_weights_that_differ_from_the_files(clean):
