@@ -22,9 +22,9 @@ CALL = {
 """CFG is on (the tiny model's default cfg 4): each DiT forward runs a batch of two."""
 
 
-def run(pipe, prompt: str = "a cat") -> torch.Tensor:
-    """Final latents of a short seeded generation."""
-    return pipe(prompt, **CALL)
+def run(pipe, prompt: str = "a cat", **overrides) -> torch.Tensor:
+    """Output (final latents unless overridden) of a short seeded generation; `overrides` replace `CALL` entries."""
+    return pipe(prompt, **{**CALL, **overrides})
 
 
 def weights(pipe) -> dict[str, torch.Tensor]:
@@ -75,7 +75,7 @@ def split_batches():
 
 @pytest.fixture(scope="session")
 def generate():
-    """`generate(pipe)`: the final latents of a short seeded generation (see `run`)."""
+    """`generate(pipe, prompt="a cat", **overrides)`: a short seeded generation (see `run`)."""
     return run
 
 

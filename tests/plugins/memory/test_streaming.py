@@ -17,15 +17,6 @@ from imagezoo.plugins.qwen_image.dit import DiTParams, QwenImageDiT
 PARAMS = DiTParams(num_layers=8, num_heads=2, head_dim=16, text_dim=32, axes_dims=(4, 6, 6))
 SMALL, LARGE = (8, 12), (32, 32)  # latent pixels: 24 and 256 image tokens
 LENGTHS = (7, 4)  # a CFG-like batch of two right-padded prompts
-NO_CFG = {
-    "height": 64,
-    "width": 64,
-    "num_inference_steps": 2,
-    "seed": 1,
-    "output_type": "latent",
-    "progress_bar_cmd": lambda steps: steps,
-    "cfg_scale": 1.0,
-}
 
 
 @pytest.fixture()
@@ -190,10 +181,10 @@ def test_pipeline_cfg_streams_each_dit_block_once_per_step(clean, reference, gen
     assert strategy.stats["streamed_loads"] - before == 2 * n_blocks  # 2 steps, each block once per step
 
 
-def test_pipeline_without_cfg_equals_the_plain_run(clean) -> None:
-    plain = clean("a cat", **NO_CFG)
+def test_pipeline_without_cfg_equals_the_plain_run(clean, generate) -> None:
+    plain = generate(clean, cfg_scale=1.0)
     clean.enable_memory(["stream"], vram_limit=0)
-    assert torch.equal(clean("a cat", **NO_CFG), plain)  # one sample: nothing to split
+    assert torch.equal(generate(clean, cfg_scale=1.0), plain)  # one sample: nothing to split
 
 
 def test_pipeline_cfg_split_equals_the_batched_run_up_to_rounding(reference, batched_reference) -> None:
@@ -202,11 +193,13 @@ def test_pipeline_cfg_split_equals_the_batched_run_up_to_rounding(reference, bat
 
 
 @pytest.mark.parametrize(("vram_limit", "dit_stays"), [(3.0, True), (2.2, False)])
-def test_a_component_without_an_activation_estimate_gets_room_before_it_runs(clean, vram_limit, dit_stays) -> None:
+def test_a_component_without_an_activation_estimate_gets_room_before_it_runs(
+    clean, generate, vram_limit, dit_stays
+) -> None:
     # The VAE declares no estimate: under a limit it is given 2 GiB of room, so with a budget of 1.7 GiB
     # (2.2 - 0.5 buffer) the DiT leaves the device before the decode, and with 2.5 GiB it stays.
     clean.enable_memory(["stream"], vram_limit=vram_limit, vram_buffer=0.5)
     strategy = clean.memory_strategies[0]
-    clean("a cat", **{**NO_CFG, "output_type": "np"})
+    generate(clean, cfg_scale=1.0, output_type="np")
     assert strategy._components["vae"].active
     assert strategy._components["dit"].active is dit_stays
