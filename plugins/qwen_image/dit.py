@@ -258,7 +258,7 @@ def _apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         # Real arithmetic, per channel: x*cos + swap(x)*(-sin, +sin) over each pair; the same products as the complex
         # multiply. Indexing only (flip, expand), no stack: inductor then makes q/k norm and rotation one persistent
-        # kernel (5.9 -> 5.1 ms per 1024² forward on an H100) instead of a looped one with a stacked intermediate.
+        # kernel (5.9 -> 4.9 ms per 1024² forward on an H100) instead of a looped one with a stacked intermediate.
         n, half = freqs.shape[0], freqs.shape[1]
         cos = freqs[:, None, :, :1].expand(n, 1, half, 2).reshape(n, 1, 2 * half)
         sin = freqs[:, None, :, 1:].expand(n, 1, half, 2).reshape(n, 1, 2 * half)
