@@ -101,3 +101,22 @@ def wide_tiny(fresh_tiny: Callable[[], object]) -> Callable[[int], object]:
         return with_dit(base, QwenImageDiT(params).eval().requires_grad_(False))
 
     return load
+
+
+@pytest.fixture
+def train_config() -> Callable[..., object]:
+    """`train_config(data, out, **settings)`: a training config for the tiny model at 64x64 without progress bars."""
+    from imagezoo.training import make_config
+
+    def make(data: Path, out: Path, **settings: object) -> object:
+        base = {
+            "model": "tiny",
+            "dataset_base_path": str(data),
+            "height": 64,
+            "width": 64,
+            "output_path": str(out),
+            "progress": False,
+        }
+        return make_config({**base, **settings})
+
+    return make

@@ -224,20 +224,16 @@ def four_block_tiny(fresh_tiny, tiny_with_dit):
     return load
 
 
-def _train(data: Path, out: Path, pipe, **settings) -> tuple[Trainer, list[dict[str, torch.Tensor]]]:
+def _train(train_config, data: Path, out: Path, pipe, **settings) -> tuple[Trainer, list[dict[str, torch.Tensor]]]:
     grads: list[dict[str, torch.Tensor]] = []
 
     def keep(step, module):
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
 
-    config = make_config(
-        {
-            "model": "tiny",
-            "dataset_base_path": str(data),
-            "height": 64,
-            "width": 64,
-            "output_path": str(out),
-            "progress": False,
+    config = train_config(
+        data,
+        out,
+        **{
             "lora_base_model": "dit",
             "lora_rank": 4,
             "learning_rate": 1e-2,
@@ -253,7 +249,7 @@ def _train(data: Path, out: Path, pipe, **settings) -> tuple[Trainer, list[dict[
             "validation_height": 64,
             "validation_width": 64,
             **settings,
-        }
+        },
     )
     trainer = Trainer(config, pipeline=pipe, grad_callback=keep)
     trainer.run()
@@ -262,11 +258,11 @@ def _train(data: Path, out: Path, pipe, **settings) -> tuple[Trainer, list[dict[
 
 @pytest.mark.parametrize(("count", "indices"), [(-1, [0, 1, 2, 3]), (2, [1, 3])])
 def test_training_with_streamed_blocks_equals_training_with_resident_ones(
-    make_dataset, four_block_tiny, tmp_path, count, indices
+    make_dataset, four_block_tiny, train_config, tmp_path, count, indices
 ):
     data = make_dataset(4)
-    _, expected = _train(data, tmp_path / "resident", four_block_tiny())
-    trainer, grads = _train(data, tmp_path / "streamed", four_block_tiny(), offload_frozen_blocks=count)
+    _, expected = _train(train_config, data, tmp_path / "resident", four_block_tiny())
+    trainer, grads = _train(train_config, data, tmp_path / "streamed", four_block_tiny(), offload_frozen_blocks=count)
     assert len(grads) == 3
     gpu = trainer.device.type != "cpu"
     _assert_same(grads, expected, gpu=gpu)

@@ -15,33 +15,20 @@ import torch
 from safetensors.torch import load_file
 
 from imagezoo.lora import detect_lora_format
-from imagezoo.training import make_config
 from imagezoo.training.config import DEFAULT_LORA_TARGETS
 from imagezoo.training.trainer import Trainer
 
 QUIET = {"progress_bar_cmd": lambda steps: steps}
 
 
-def _config(data: Path, out: Path, **settings):
-    base = {
-        "model": "tiny",
-        "dataset_base_path": str(data),
-        "height": 64,
-        "width": 64,
-        "output_path": str(out),
-        "progress": False,
-    }
-    return make_config({**base, **settings})
-
-
 def _generate(pipe, seed=0):
     return pipe("a red wave", height=64, width=64, num_inference_steps=2, seed=seed, output_type="latent", **QUIET)
 
 
-def test_lora_overfits_four_images_and_the_saved_file_reproduces_it(make_dataset, wide_tiny, tmp_path):
+def test_lora_overfits_four_images_and_the_saved_file_reproduces_it(make_dataset, wide_tiny, tmp_path, train_config):
     data = make_dataset(4)
     pipe = wide_tiny(0)
-    config = _config(
+    config = train_config(
         data,
         tmp_path / "out",
         lora_base_model="dit",
@@ -78,9 +65,9 @@ def test_lora_overfits_four_images_and_the_saved_file_reproduces_it(make_dataset
     assert torch.allclose(loaded, trained, atol=1e-4)  # and reproduces the trained model
 
 
-def test_opensource_format_and_validation_images(make_dataset, fresh_tiny, tmp_path):
+def test_opensource_format_and_validation_images(make_dataset, fresh_tiny, tmp_path, train_config):
     data = make_dataset(2)
-    config = _config(
+    config = train_config(
         data,
         tmp_path / "out",
         lora_base_model="dit",
@@ -139,7 +126,7 @@ def test_full_training_checkpoint_loads_into_the_pipeline(make_dataset, fresh_ti
     assert status == 0 and image.is_file()
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(make_dataset, fresh_tiny, tmp_path):
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(make_dataset, fresh_tiny, tmp_path, train_config):
     data = make_dataset(4)
     settings = {
         "lora_base_model": "dit",
@@ -151,7 +138,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(make_dataset, 
         "num_epochs": 2,
         "save_steps": 1,
     }
-    full = Trainer(_config(data, tmp_path / "a", **settings), pipeline=fresh_tiny()).run()
+    full = Trainer(train_config(data, tmp_path / "a", **settings), pipeline=fresh_tiny()).run()
     assert full.global_step == 4 and not full.interrupted
 
     def stop(step: int, module) -> None:
@@ -159,10 +146,10 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(make_dataset, 
             raise KeyboardInterrupt  # what Ctrl-C does mid-step
 
     out = tmp_path / "b"
-    first = Trainer(_config(data, out, **settings), pipeline=fresh_tiny(), grad_callback=stop).run()
+    first = Trainer(train_config(data, out, **settings), pipeline=fresh_tiny(), grad_callback=stop).run()
     assert first.interrupted and first.global_step == 1
     assert first.state_folder == out / "training_state" / "step-1"
-    resumed = Trainer(_config(data, out, resume_from=str(out), **settings), pipeline=fresh_tiny()).run()
+    resumed = Trainer(train_config(data, out, resume_from=str(out), **settings), pipeline=fresh_tiny()).run()
     assert resumed.global_step == 4 and not resumed.interrupted
     assert np.allclose(resumed.losses, full.losses[1:], rtol=1e-5)
     expected = load_file(str(tmp_path / "a" / "step-4.safetensors"))
@@ -173,14 +160,14 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(make_dataset, 
     assert states == ["latest", "step-4"]  # older states pruned (--keep_training_states 1)
 
 
-def _grads(make_dataset, fresh_tiny, tmp_path, **settings):
+def _grads(make_dataset, fresh_tiny, train_config, tmp_path, **settings):
     grads = {}
 
     def keep(step, module):
         grads.update({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
 
     data = make_dataset(2)
-    config = _config(
+    config = train_config(
         data, tmp_path / "g", lora_base_model="dit", lora_rank=4, max_steps=1, batch_size=2, save_training_state=False,
         **settings,
     )  # fmt: skip
@@ -199,9 +186,9 @@ def _grads(make_dataset, fresh_tiny, tmp_path, **settings):
         {"attention_backend": "math"},
     ],
 )
-def test_memory_options_keep_the_gradients(make_dataset, fresh_tiny, tmp_path, settings):
-    reference = _grads(make_dataset, fresh_tiny, tmp_path / "r")
-    grads = _grads(make_dataset, fresh_tiny, tmp_path / "m", **settings)
+def test_memory_options_keep_the_gradients(make_dataset, fresh_tiny, train_config, tmp_path, settings):
+    reference = _grads(make_dataset, fresh_tiny, train_config, tmp_path / "r")
+    grads = _grads(make_dataset, fresh_tiny, train_config, tmp_path / "m", **settings)
     assert set(grads) == set(reference) and len(grads) > 0
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-6)
@@ -247,21 +234,23 @@ def test_bad_dataset_stops_before_loading_models(tmp_path, images, caplog):
 
 
 @pytest.mark.parametrize("component", ["text_encoder", "vae"])
-def test_full_training_of_the_encoders_reaches_their_weights(make_dataset, fresh_tiny, tmp_path, component):
+def test_full_training_of_the_encoders_reaches_their_weights(
+    make_dataset, fresh_tiny, tmp_path, component, train_config
+):
     grads = {}
 
     def keep(step, module):
         grads.update({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
 
-    config = _config(make_dataset(2), tmp_path / "enc", trainable_models=component, max_steps=1, batch_size=2,
-                     learning_rate=1e-4, save_training_state=False)  # fmt: skip
+    config = train_config(make_dataset(2), tmp_path / "enc", trainable_models=component, max_steps=1, batch_size=2,
+                          learning_rate=1e-4, save_training_state=False)  # fmt: skip
     Trainer(config, pipeline=fresh_tiny(), grad_callback=keep).run()
     assert grads and all(name.startswith(f"models.{component}.") for name in grads)
     assert all(g is not None for g in grads.values())  # every trainable parameter gets a gradient (DDP-safe)
     assert sum(float(g.abs().sum()) for g in grads.values()) > 0
 
 
-def test_eligen_entities_from_json_metadata_train(tmp_path, images, fresh_tiny):
+def test_eligen_entities_from_json_metadata_train(tmp_path, images, fresh_tiny, train_config):
     import json
 
     from PIL import Image
@@ -284,13 +273,15 @@ def test_eligen_entities_from_json_metadata_train(tmp_path, images, fresh_tiny):
     pipe = fresh_tiny()
     dit = pipe.components.modules["dit"]
     dit.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
-    config = _config(
+    config = train_config(
         tmp_path, tmp_path / "out", lora_base_model="dit", lora_rank=4, max_steps=1, save_training_state=False,
         data_file_keys="image,eligen_entity_masks", extra_inputs="eligen_entity_prompts,eligen_entity_masks",
     )  # fmt: skip
     result = Trainer(config, pipeline=pipe).run()
     assert result.global_step == 1 and np.isfinite(result.losses[0])
     assert seen and seen[0] is not None and seen[0].dtype == torch.bool  # the entity attention mask reached the DiT
-    bad = _config(tmp_path, tmp_path / "o2", lora_base_model="dit", extra_inputs="eligen_entity_prompts", batch_size=2)
+    bad = train_config(
+        tmp_path, tmp_path / "o2", lora_base_model="dit", extra_inputs="eligen_entity_prompts", batch_size=2
+    )
     with pytest.raises(Exception, match="--batch_size 1"):
         Trainer(bad, pipeline=fresh_tiny()).run()
