@@ -50,6 +50,11 @@ class Denoiser(Protocol):
         """Return the velocity, same shape as `latents`."""
         ...
 
+    # Optional: `sampling(sigmas: Sequence[float]) -> ContextManager`. When a denoiser has it, `Pipeline` runs its
+    # denoising loop inside `denoiser.sampling(sigmas)` (the sigma of each step, in order), promising that the model
+    # does not change until the loop ends, so the denoiser may prepare per-loop work (Qwen-Image: modulation tables,
+    # CUDA graphs).
+
 
 @runtime_checkable
 class VAE(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -633,15 +634,18 @@ class Pipeline(LoraMixin):
         batched = _pad_text([cond, uncond]) if uncond is not None and not (cond.extras or uncond.extras) else None
         watch = FiniteWatch(x.device)
         n_steps = len(sigmas) - 1
-        for index in progress_bar_cmd(range(n_steps)):
-            sigma, sigma_next = sigmas[index], sigmas[index + 1]
-            velocity = self.predict_velocity(x, sigma, cond, uncond, float(cfg_scale), rescale, batched=batched)
-            x = chosen_sampler.step(x, velocity, sigma, sigma_next)
-            bad = watch.push(x, (index, sigma))
-            if bad is not None:
-                raise self._non_finite(*bad, n_steps)
-            if step_callback is not None:
-                step_callback(index, sigma_next, x)
+        # A denoiser may prepare for the whole loop once its sigmas are known (optional `sampling`, see Denoiser).
+        sampling = getattr(self.denoiser, "sampling", None)
+        with sampling(sigmas[:-1]) if callable(sampling) else contextlib.nullcontext():
+            for index in progress_bar_cmd(range(n_steps)):
+                sigma, sigma_next = sigmas[index], sigmas[index + 1]
+                velocity = self.predict_velocity(x, sigma, cond, uncond, float(cfg_scale), rescale, batched=batched)
+                x = chosen_sampler.step(x, velocity, sigma, sigma_next)
+                bad = watch.push(x, (index, sigma))
+                if bad is not None:
+                    raise self._non_finite(*bad, n_steps)
+                if step_callback is not None:
+                    step_callback(index, sigma_next, x)
         bad = watch.finish()
         if bad is not None:
             raise self._non_finite(*bad, n_steps)

@@ -11,7 +11,7 @@ import contextlib
 import math
 import re
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from imagezoo.errors import ConfigError, InputError, WeightsError
 from imagezoo.plugins.qwen_image.attention import check_backend, dense_attention, joint_attention
 from imagezoo.plugins.qwen_image.fused import is_plain_linear, joint_qk_norm_rope, linear_gelu_tanh
+from imagezoo.plugins.qwen_image.sampling import ForwardGraphs, ModulationTables, SamplingScope
 from imagezoo.state_dict import assign_state_dict
 
 _CLASS_NAME = "QwenImageTransformer2DModel"
@@ -568,6 +569,7 @@ class QwenImageBlock(nn.Module):
         txt_freqs: Tensor | tuple[Tensor, ...],
         mask: Tensor | None = None,
         text_out: bool = True,
+        modulation: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Advance both streams; with `text_out=False` the text stream is returned unchanged (last block).
 
@@ -582,10 +584,13 @@ class QwenImageBlock(nn.Module):
             mask: Boolean mask over the joint [text, image] keys, (B, 1, 1, L+S) key padding or
                 (B, 1|heads, L+S, L+S) full, or None.
             text_out: Whether the text stream's output is needed (skips text queries, output projection and MLP).
+            modulation: This block's (image, text) modulation outputs, (B or 1, 6 * width) each, when already
+                computed (a sampling loop's tables, `sampling.py`); `temb_act` is then unused.
         """
         eps = self.eps
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod[1](temb_act)[:, None].chunk(6, -1)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod[1](temb_act)[:, None].chunk(6, -1)
+        img_mod, txt_mod = (self.img_mod[1](temb_act), self.txt_mod[1](temb_act)) if modulation is None else modulation
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod[:, None].chunk(6, -1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod[:, None].chunk(6, -1)
 
         img_attn, txt_attn = self.attn(
             _modulate(img, i_shift1, i_scale1, eps),
@@ -644,6 +649,10 @@ class QwenImageDiT(nn.Module):
             one sample at a time, padded text or not (default False; placement memory strategies turn it on). Same
             maths as the batched forward: results differ from it by float rounding only (products of another size).
         block_evaluations: Count of block forwards run so far (a plain counter; tests and benchmarks read it).
+        modulation_tables: Inside `sampling`, compute every block's modulation for all the loop's sigmas at once
+            (default True; `sampling.py`). Same maths; False computes it per forward.
+        cuda_graph: Inside `sampling`, capture the forward into a CUDA graph and replay it (speed option
+            `cuda_graph`, `sampling.py`); only where nothing in the forward needs the host (see `_graphable`).
         memory_blocks: (declaration for memory strategies) ModuleLists whose blocks may be streamed one by one.
         memory_high_precision: (declaration) Submodules storage-dtype strategies (fp8) leave in the compute dtype:
             the small input/output projections and the timestep MLP, where quantization error is least diluted.
@@ -676,6 +685,10 @@ class QwenImageDiT(nn.Module):
         self.share_padded_linears = True
         self.split_batches = False
         self.block_evaluations = 0
+        self.modulation_tables = True
+        self.cuda_graph = False
+        self._sampling: SamplingScope | None = None
+        self._modulation_row: tuple[Tensor, torch.dtype] | None = None
         self._speed_state: Any = None
         # Plain dict, not buffers: a meta-built module must run after state-dict assignment with nothing to re-init.
         self._rope_cache: dict[tuple[Any, ...], Tensor] = {}
@@ -800,6 +813,26 @@ class QwenImageDiT(nn.Module):
             ("txt", device, start, length), lambda: self._text_freqs(torch.arange(start, start + length, device=device))
         )
 
+    @contextlib.contextmanager
+    def sampling(self, sigmas: Sequence[float]) -> Iterator[None]:
+        """Run the forwards of one sampling loop, whose sigmas are known in advance, faster (see `sampling.py`).
+
+        Inside, forwards at those sigmas read every block's modulation from tables filled at the first step
+        (`modulation_tables`), and with `cuda_graph` on a CUDA device, replay a captured graph from the third forward
+        with the same input layout. The caller promises that the model does not change (weights in place aside)
+        until the block ends: a LoRA loaded or rescaled, or speed settings changed, inside it may not be seen.
+
+        Args:
+            sigmas: The noise level of each step, in order.
+        """
+        previous = self._sampling
+        tables = ModulationTables(tuple(float(sigma) for sigma in sigmas))
+        self._sampling = SamplingScope(tables, ForwardGraphs() if self.cuda_graph else None)
+        try:
+            yield
+        finally:
+            self._sampling = previous
+
     def forward(
         self,
         latents: Tensor,
@@ -824,6 +857,32 @@ class QwenImageDiT(nn.Module):
         Returns:
             (B, out_channels, H, W) velocity in the compute dtype.
         """
+        scope = self._sampling
+        if scope is None or torch.is_grad_enabled():
+            return self._forward(latents, sigma, text, text_mask, text_positions, attention_mask, None)
+        sigma = torch.as_tensor(sigma, device=latents.device)
+        index = scope.tables.row(sigma.reshape(-1)) if self.modulation_tables and not self._blocks_hooked() else None
+        row = None if index is None else torch.full((1,), index, dtype=torch.long, device=latents.device)
+        if scope.graphs is None or not self._graphable(latents, text_mask, text_positions, attention_mask):
+            return self._forward(latents, sigma, text, text_mask, text_positions, attention_mask, row)
+
+        def run(latents: Tensor, sigma: Tensor, text: Tensor, *row: Tensor) -> Tensor:
+            return self._forward(latents, sigma, text, text_mask, None, None, row[0] if row else None)
+
+        facts = None if text_mask is None else self._mask_facts(text_mask)
+        inputs = (latents, sigma, text) if row is None else (latents, sigma, text, row)
+        return scope.graphs((facts, self.attention_backend), run, inputs)
+
+    def _forward(
+        self,
+        latents: Tensor,
+        sigma: Tensor,
+        text: Tensor,
+        text_mask: Tensor | None,
+        text_positions: Tensor | None,
+        attention_mask: Tensor | None,
+        modulation_row: Tensor | None,
+    ) -> Tensor:
         p = self.params
         dtype = self._dtype()
         if latents.ndim != 4 or latents.shape[1] != p.latent_channels:
@@ -844,8 +903,7 @@ class QwenImageDiT(nn.Module):
 
         img = self.img_in(pack_latents(latents.to(dtype), ps))
         txt = self.txt_in(self.txt_norm(text.to(dtype)))
-        temb = self.time_text_embed.timestep_embedder(_timestep_sinusoid(sigma).to(dtype))
-        temb_act = F.silu(temb)  # every modulation linear takes SiLU(temb): compute it once, not per block
+        temb_act = self._temb_act(sigma)
 
         device = img.device
         img_freqs = self._image_freqs(h, w, device)
@@ -867,12 +925,16 @@ class QwenImageDiT(nn.Module):
         ctx = (
             torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if offload else contextlib.nullcontext()
         )
-        with ctx:
-            if self.step_cache is not None and not torch.is_grad_enabled():
-                img = self.step_cache(self, img, txt, temb_act, img_freqs, txt_freqs, mask, sigma)
-            else:
-                n_blocks = len(self.transformer_blocks)
-                img, _ = self.run_blocks(0, n_blocks, img, txt, temb_act, img_freqs, txt_freqs, mask)
+        self._modulation_row = None if modulation_row is None else (modulation_row, sigma.dtype)
+        try:
+            with ctx:
+                if self.step_cache is not None and not torch.is_grad_enabled():
+                    img = self.step_cache(self, img, txt, temb_act, img_freqs, txt_freqs, mask, sigma)
+                else:
+                    n_blocks = len(self.transformer_blocks)
+                    img, _ = self.run_blocks(0, n_blocks, img, txt, temb_act, img_freqs, txt_freqs, mask)
+        finally:
+            self._modulation_row = None
 
         out = self.proj_out(self.norm_out(img, temb_act))
         return unpack_latents(out, height, width, ps)
@@ -922,7 +984,32 @@ class QwenImageDiT(nn.Module):
         args = (img, txt, temb_act, img_freqs, txt_freqs, mask, i != len(self.transformer_blocks) - 1)
         if self._checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
+        if self._modulation_row is not None and self._sampling is not None:
+            row, sigma_dtype = self._modulation_row
+            return block(*args, self._sampling.tables.block_rows(i, block, row, sigma_dtype, self._temb_act))
         return block(*args)
+
+    def _temb_act(self, sigma: Tensor) -> Tensor:
+        """SiLU of the timestep embedding: every modulation linear takes it, so it is computed once, not per block."""
+        return F.silu(self.time_text_embed.timestep_embedder(_timestep_sinusoid(sigma).to(self._dtype())))
+
+    def _blocks_hooked(self) -> bool:
+        """Whether a memory strategy hooks the blocks (it may move their weights only when a block is called)."""
+        return any(block._forward_pre_hooks or block._forward_hooks for block in self.transformer_blocks)
+
+    def _graphable(
+        self, latents: Tensor, text_mask: Tensor | None, text_positions: Tensor | None, attention_mask: Tensor | None
+    ) -> bool:
+        """Whether a forward with these inputs can be captured: nothing in it reads the GPU on the host or moves
+        weights after its first run (no step cache, memory strategy or attention hook; a right-padded mask, whose
+        lengths the graph key holds)."""
+        if latents.device.type != "cuda" or self.step_cache is not None or text_positions is not None:
+            return False
+        if attention_mask is not None or self._forward_pre_hooks or self._forward_hooks or self._blocks_hooked():
+            return False
+        if any(block.attn.attention_fn is not None for block in self.transformer_blocks):
+            return False
+        return text_mask is None or self._mask_facts(text_mask)[1]
 
     def _run_blocks_shared(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ class QwenDenoiser:
             text_positions=extras.get("text_positions"),
             attention_mask=extras.get("attention_mask"),
         )
+
+    def sampling(self, sigmas: Sequence[float]) -> AbstractContextManager[None]:
+        """The DiT's per-loop preparation for these step sigmas (`QwenImageDiT.sampling`)."""
+        return self.dit.sampling(sigmas)
 
     def enable_sequence_parallel(self, sequence: Any) -> Any:
         """Split each DiT forward's image tokens over `sequence` (an `imagezoo.parallel.SequenceGroup`; Ulysses,

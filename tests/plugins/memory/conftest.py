@@ -58,13 +58,16 @@ def align_weights(pipe) -> None:
 
 @contextlib.contextmanager
 def split(pipe) -> Iterator[None]:
-    """The DiT runs every batch sample by sample, block by block, as placement strategies make it run."""
+    """The DiT runs as under a placement strategy: every batch sample by sample, block by block, and each step's
+    modulation computed by its forward (a strategy hooks the blocks, which rules out the loop's modulation tables)."""
     dit = pipe.components.modules["dit"]
     previous = dit.memory_split_batches(True)
+    dit.modulation_tables = False
     try:
         yield
     finally:
         dit.memory_split_batches(previous)
+        dit.modulation_tables = True
 
 
 @pytest.fixture(scope="session")
