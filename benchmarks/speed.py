@@ -21,6 +21,7 @@ Sections (`--sections`, default all):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import importlib.metadata
@@ -355,10 +356,13 @@ def section_gemm(args: argparse.Namespace, rec: Recorder, device: torch.device, 
             rec.add("imagezoo", case, rel_err=round(rel_err(out, target), 5), tflops=round(tflops, 1), **timing)
 
 
+DIT_SIGMA = 0.7
+
+
 def dit_inputs(size: int, batch: int, n_txt: int, device: torch.device, params: DiTParams, seed: int = 5):
     gen = torch.Generator(device=device).manual_seed(seed)
     latents = torch.randn(batch, 16, size // 8, size // 8, device=device, dtype=torch.bfloat16, generator=gen)
-    sigma = torch.full((batch,), 0.7, device=device, dtype=torch.bfloat16)
+    sigma = torch.full((batch,), DIT_SIGMA, device=device, dtype=torch.bfloat16)
     text = torch.randn(batch, n_txt, params.text_dim, device=device, dtype=torch.bfloat16, generator=gen)
     mask = None
     if batch > 1:  # a CFG batch: prompt, then the 6-token negative prompt padded to its length
@@ -439,12 +443,17 @@ def section_dit(
         state = dit.enable_speed("exact")
         measure("imagezoo", "exact", lambda inputs: run_ours(dit, inputs))
         rec.add("imagezoo", {"op": "compile_count", "variant": "exact"}, compiles=state.counter.compiles)
+        # The same forward as a sampling loop runs it from its third step: modulation from the loop's tables, the
+        # rest replayed from a CUDA graph captured at the second step (`QwenImageDiT.sampling`).
+        with dit.sampling([DIT_SIGMA]):
+            measure("imagezoo", "exact-loop", lambda inputs: run_ours(dit, inputs))
         if args.explore:
             for label, options in EXPLORE_VARIANTS.items():
+                if label in LOOP_ONLY:
+                    continue
                 apply_variant(dit, options)
                 measure("imagezoo", label, lambda inputs: run_ours(dit, inputs), batch2_only="share" in options)
-            dit.share_padded_linears = True
-            dit.enable_speed("exact")
+            apply_variant(dit, {})
     return outputs["exact"]
 
 
@@ -453,13 +462,18 @@ EXPLORE_VARIANTS: dict[str, dict[str, Any]] = {
     "exact-apart": {"share": False},
     "exact-gelu": {"fused_gelu": False},
     "exact-qk": {"fused_qk": False},
+    "exact-graph": {"cuda_graph": False},
+    "exact-tables": {"tables": False},
 }
+# Settings that act only inside a sampling loop: the plain DiT-forward rows would repeat `exact`.
+LOOP_ONLY = ("exact-graph", "exact-tables")
 
 
 def apply_variant(dit: QwenImageDiT, options: dict[str, Any]) -> None:
     """The `exact` profile with one of `EXPLORE_VARIANTS` on top."""
     options = dict(options)
     dit.share_padded_linears = options.pop("share", True)
+    dit.modulation_tables = options.pop("tables", True)
     dit.enable_speed("exact", **options)
 
 
@@ -495,6 +509,10 @@ def section_fp8_dit(
                 if (size, batch) in exact:
                     values["rel_err_vs_exact"] = round(rel_err(out, exact[(size, batch)]), 5)
                 rec.add("imagezoo", case, fp8_mode=state.fp8_mode, setup_s=round(setup_s, 2), **values)
+                with dit.sampling([DIT_SIGMA]):  # as a sampling loop runs it (see section_dit's "exact-loop")
+                    run_ours(dit, inputs)
+                    loop = time_ms(lambda inputs=inputs: run_ours(dit, inputs), device, args.repeats)
+                rec.add("imagezoo", {**case, "variant": f"{label}-loop"}, fp8_mode=state.fp8_mode, **loop)
             rec.add("imagezoo", {"op": "compile_count", "variant": label}, compiles=state.counter.compiles)
             if keep_bf16:
                 dit.disable_speed()
@@ -508,34 +526,51 @@ def section_recompile(args: argparse.Namespace, rec: Recorder, device: torch.dev
         state = dit._speed_state if dit._speed_state is not None and dit._speed_state.counter else None
         if state is None or state.config.fp8:
             state = dit.enable_speed("exact")
-        # Warm-up: the two variants a pipeline uses (batch 1 unmasked; CFG batch with padding).
+        # Warm-up: the variants a pipeline uses (batch 1 unmasked; CFG batch with padding), plain and as a sampling
+        # loop runs them (modulation from the loop's tables).
         for batch in (1, 2):
-            run_ours(dit, dit_inputs(args.sizes[0], batch, args.text_len, device, params))
+            inputs = dit_inputs(args.sizes[0], batch, args.text_len, device, params)
+            run_ours(dit, inputs)
+            with dit.sampling([DIT_SIGMA, SWEEP_SIGMA]):
+                run_ours(dit, inputs)
         warm = state.counter.compiles
-        times = []
-        for height, width in sizes:
-            for length in lengths:
-                gen = torch.Generator(device=device).manual_seed(height + length)
-                latents = torch.randn(
-                    1, 16, height // 8, width // 8, device=device, dtype=torch.bfloat16, generator=gen
-                )
-                text = torch.randn(1, length, params.text_dim, device=device, dtype=torch.bfloat16, generator=gen)
-                t0 = time.perf_counter()
-                dit(latents, torch.full((1,), 0.5, device=device), text)
-                sync(device)
-                times.append(round((time.perf_counter() - t0) * 1000, 1))
-            # A CFG batch at this size: prompt of the last length, negative prompt of another length each time.
-            mask = torch.ones(2, length, dtype=torch.bool, device=device)
-            mask[1, 4 + len(times) :] = False
-            dit(latents.expand(2, -1, -1, -1), torch.full((2,), 0.5, device=device), text.expand(2, -1, -1), mask)
-        rec.add(
-            "imagezoo",
-            {"op": "recompile_check", "sizes": sizes, "text_lengths": lengths, "cfg_batches": len(sizes)},
-            compiles_after_warmup=warm,
-            compiles_after_sweep=state.counter.compiles,
-            recompiles=state.counter.compiles - warm,
-            sweep_ms=times,
-        )
+        for mode in ("plain", "loop"):
+            with dit.sampling([SWEEP_SIGMA]) if mode == "loop" else contextlib.nullcontext():
+                times = _recompile_sweep(dit, device, sizes, lengths)
+            rec.add(
+                "imagezoo",
+                {"op": "recompile_check", "mode": mode, "sizes": sizes, "text_lengths": lengths, "cfg_batches": 3},
+                compiles_after_warmup=warm,
+                compiles_after_sweep=state.counter.compiles,
+                recompiles=state.counter.compiles - warm,
+                sweep_ms=times,
+            )
+
+
+SWEEP_SIGMA = 0.5
+
+
+def _recompile_sweep(
+    dit: QwenImageDiT, device: torch.device, sizes: list[tuple[int, int]], lengths: list[int]
+) -> list[float]:
+    """One forward per size and text length, plus a CFG batch per size; milliseconds of each batch-1 forward."""
+    params = dit.params
+    times = []
+    for height, width in sizes:
+        for length in lengths:
+            gen = torch.Generator(device=device).manual_seed(height + length)
+            latents = torch.randn(1, 16, height // 8, width // 8, device=device, dtype=torch.bfloat16, generator=gen)
+            text = torch.randn(1, length, params.text_dim, device=device, dtype=torch.bfloat16, generator=gen)
+            t0 = time.perf_counter()
+            dit(latents, torch.full((1,), SWEEP_SIGMA, device=device), text)
+            sync(device)
+            times.append(round((time.perf_counter() - t0) * 1000, 1))
+        # A CFG batch at this size: prompt of the last length, negative prompt of another length each time.
+        mask = torch.ones(2, length, dtype=torch.bool, device=device)
+        mask[1, 4 + len(times) :] = False
+        sigma = torch.full((2,), SWEEP_SIGMA, device=device)
+        dit(latents.expand(2, -1, -1, -1), sigma, text.expand(2, -1, -1), mask)
+    return times
 
 
 def kernel_profile(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
@@ -606,25 +641,27 @@ def section_profile(args: argparse.Namespace, rec: Recorder, device: torch.devic
 
 
 def section_cuda_graph(rec: Recorder, device: torch.device, dit: QwenImageDiT, inputs: tuple) -> None:
-    """Replay a captured forward against a normal one (same static inputs), eager and compiled."""
-    for label in ("eager-auto", "exact"):
+    """Replay a captured forward against a normal one (same static inputs): eager and compiled, batch 1 and CFG."""
+    size = inputs[0].shape[-1] * 8
+    cfg_inputs = dit_inputs(size, 2, inputs[2].shape[1], device, dit.params)
+    for label, batch_inputs in (("eager-auto", inputs), ("exact", inputs), ("exact", cfg_inputs)):
         dit.disable_speed()
         if label == "exact":
             dit.enable_speed("exact")
-        case = {"op": "cuda_graph", "size": inputs[0].shape[-1] * 8, "batch": 1, "variant": label}
+        case = {"op": "cuda_graph", "size": size, "batch": batch_inputs[0].shape[0], "variant": label}
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    run_ours(dit, inputs)
+                    run_ours(dit, batch_inputs)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = run_ours(dit, inputs)
+                out = run_ours(dit, batch_inputs)
             replay = time_ms(graph.replay, device, 5)
-            plain = time_ms(lambda: run_ours(dit, inputs), device, 5)
-            err = rel_err(out, run_ours(dit, inputs))
+            plain = time_ms(lambda batch_inputs=batch_inputs: run_ours(dit, batch_inputs), device, 5)
+            err = rel_err(out, run_ours(dit, batch_inputs))
             rec.add("imagezoo", case, graph_ms=replay["ms"], plain_ms=plain["ms"], rel_err=round(err, 6))
             del graph
         except Exception as exc:  # an exploratory row: record why capture failed, and go on
@@ -764,7 +801,7 @@ def section_pipeline(
             for label, options in EXPLORE_VARIANTS.items():
                 apply_variant(dit, options)
                 run("imagezoo", label, size, ours)
-            dit.share_padded_linears = True
+            apply_variant(dit, {})
             dit.enable_speed("off")
             run("imagezoo", "eager-auto", size, ours)
     # FP8 last: without the diffusers reference holding the bf16 tensors, they are freed (fp8_keep_bf16=False).

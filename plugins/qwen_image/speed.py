@@ -8,7 +8,9 @@ Exact options (same function, float rounding aside):
   Sequence lengths are dynamic from the first compile, so new resolutions and prompt lengths reuse the graph;
   `CompileCounter` counts every graph compiled, so a benchmark can show that nothing recompiles after warm-up;
 - the MLP up-projection with its GELU in the GEMM epilogue (`fused.linear_gelu_tanh`);
-- q/k RMSNorm + RoPE of both streams written straight into the joint attention input (`fused.joint_qk_norm_rope`).
+- q/k RMSNorm + RoPE of both streams written straight into the joint attention input (`fused.joint_qk_norm_rope`);
+- CUDA graphs of the forward inside a sampling loop (`cuda_graph`, `sampling.py`): captured at the second step,
+  replayed after, so the GPU never waits on Python between kernels.
 
 Lossy options (opt-in, their cost measured in docs/benchmarks.md):
 
@@ -20,8 +22,7 @@ Lossy options (opt-in, their cost measured in docs/benchmarks.md):
   from that step is reused.
 
 Profiles (`PROFILES`): "off", "auto"/"exact" (best exact settings for the device), "fp8", "cache", "fastest"
-(fp8 + cache). CUDA graphs are not used: a compiled 1024² forward keeps an H100 busy for 95% of its wall time and a
-replayed graph of it was 2-3% faster (docs/benchmarks.md), not worth a capture per shape and the syncs it forbids.
+(fp8 + cache). The step cache decides on the host at every step, so the cache profiles go without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class SpeedConfig:
             inference only, layers with LoRA/FP8 hooks keep the plain path).
         fused_qk: Normalize and rotate q/k of both streams straight into the joint attention input
             (`fused.joint_qk_norm_rope`, Triton on CUDA) instead of per stream, then copied.
+        cuda_graph: Inside a sampling loop (`QwenImageDiT.sampling`), capture the forward into a CUDA graph at the
+            second step and replay it at the later ones (CUDA only; not with `step_cache`).
         fp8: FP8 compute for the block linears (lossy).
         fp8_modulation: Also run the modulation linears in FP8 (more loss, less weight traffic).
         fp8_keep_bf16: Keep the bf16 weights next to the FP8 copies (+50% DiT memory; `disable_speed` restores them
@@ -105,6 +108,7 @@ class SpeedConfig:
     dynamic: bool = True
     fused_gelu: bool = False
     fused_qk: bool = False
+    cuda_graph: bool = False
     fp8: bool = False
     fp8_modulation: bool = False
     fp8_keep_bf16: bool = True
@@ -124,6 +128,11 @@ class SpeedConfig:
             )
         if self.cache_max_skips is not None and self.cache_max_skips < 1:
             raise InputError(f"cache_max_skips={self.cache_max_skips!r} must be >= 1, or None for no limit.")
+        if self.cuda_graph and self.step_cache is not None:
+            raise InputError(
+                f"cuda_graph=True cannot go with step_cache={self.step_cache!r}: the cache decides on the host at "
+                "every step, which a replayed graph cannot; set one of them off."
+            )
 
     @property
     def exact(self) -> bool:
@@ -134,16 +143,15 @@ class SpeedConfig:
 # Step-cache threshold of the "cache" profiles: see docs/benchmarks.md for the skip rate and error it gave.
 DEFAULT_CACHE_THRESHOLD = 0.2
 
-_EXACT: dict[str, Any] = {"compile": True, "fused_gelu": True, "fused_qk": True}
-# FP8 leaves the fused q/k op out: its per-call host cost made the batch-1 FP8 forward host-bound on the H100
-# (1024²: 153.6 ms with it, 117.3 without; docs/benchmarks.md).
-_FP8: dict[str, Any] = {**_EXACT, "fp8": True, "fused_qk": False}
+_EXACT: dict[str, Any] = {"compile": True, "fused_gelu": True, "fused_qk": True, "cuda_graph": True}
+_FP8: dict[str, Any] = {**_EXACT, "fp8": True}
+_CACHE: dict[str, Any] = {"cuda_graph": False, "step_cache": DEFAULT_CACHE_THRESHOLD}
 PROFILES: dict[str, dict[str, Any]] = {
     "off": {},
     "exact": _EXACT,
     "fp8": _FP8,
-    "cache": {**_EXACT, "step_cache": DEFAULT_CACHE_THRESHOLD},
-    "fastest": {**_FP8, "step_cache": DEFAULT_CACHE_THRESHOLD},
+    "cache": {**_EXACT, **_CACHE},
+    "fastest": {**_FP8, **_CACHE},
 }
 PROFILE_NAMES = ("auto", *PROFILES)
 """Names `--speed` takes; "auto" is "exact" where it pays (CUDA with Triton), else "off"."""
@@ -166,8 +174,8 @@ def resolve_profile(profile: str | SpeedConfig, device: torch.device, **override
 
     "auto" is the best exact profile for the device: regional compile on CUDA when Triton is installed, nothing
     on CPU (compiling a float32 CPU model mostly costs start-up time). A profile asking for compile where inductor
-    can't run drops it with a warning; FP8 off FP8 hardware stays on (same rounding, no speed-up; `enable_speed`
-    warns).
+    can't run drops it with a warning; CUDA graphs are dropped off CUDA (with a warning when asked for by name);
+    FP8 off FP8 hardware stays on (same rounding, no speed-up; `enable_speed` warns).
 
     Raises:
         InputError: Unknown profile name or option.
@@ -187,6 +195,11 @@ def resolve_profile(profile: str | SpeedConfig, device: torch.device, **override
     if config.compile and config.compile_backend == "inductor" and not compile_available(device):
         logger.warning("torch.compile needs %s for %s; running uncompiled.", _compiler_need(device), device)
         config = replace(config, compile=False)
+    if config.cuda_graph and device.type != "cuda":
+        # Part of the exact profiles everywhere; worth a warning only when asked for by name.
+        log = logger.warning if overrides.get("cuda_graph") else logger.debug
+        log("CUDA graphs need a CUDA device, not %s; running without.", device)
+        config = replace(config, cuda_graph=False)
     return config
 
 
@@ -235,6 +248,7 @@ def enable_speed(dit: QwenImageDiT, profile: str | SpeedConfig = "auto", **overr
     state = SpeedState(config=config, previous_attention=dit.attention_backend)
     dit.set_attention_backend(config.attention)
     set_fused_ops(dit, gelu=config.fused_gelu, qk=config.fused_qk)
+    dit.cuda_graph = config.cuda_graph
     if config.fp8:
         state.fp8_mode = enable_fp8_compute(
             dit, modulation=config.fp8_modulation, keep_bf16=config.fp8_keep_bf16, device=device
@@ -272,6 +286,7 @@ def disable_speed(dit: QwenImageDiT) -> None:
     if state.fp8_mode is not None:
         disable_fp8_compute(dit)
     set_fused_ops(dit, gelu=False, qk=False)
+    dit.cuda_graph = False
     dit.set_attention_backend(state.previous_attention)
     dit._speed_state = None
 

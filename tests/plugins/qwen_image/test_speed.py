@@ -399,9 +399,14 @@ def test_profiles_resolve() -> None:
     cache = speed.resolve_profile("cache", cpu, compile=False)
     assert cache.step_cache == speed.DEFAULT_CACHE_THRESHOLD and not cache.exact
     assert speed.resolve_profile("exact", cpu).exact and not speed.resolve_profile("fp8", cpu).exact
-    # The fused ops are exact-profile settings; FP8 leaves the q/k op out (host-bound at batch 1, benchmarks.md).
-    exact, fp8 = speed.resolve_profile("exact", cpu), speed.resolve_profile("fastest", cpu)
-    assert exact.fused_gelu and exact.fused_qk and fp8.fused_gelu and not fp8.fused_qk
+    exact, fastest = speed.resolve_profile("exact", cpu), speed.resolve_profile("fastest", cpu)
+    assert exact.fused_gelu and exact.fused_qk and fastest.fused_gelu and fastest.fused_qk
+    # CUDA graphs: in the profiles without the step cache, dropped off CUDA; never with the cache.
+    assert speed.PROFILES["exact"]["cuda_graph"] and speed.PROFILES["fp8"]["cuda_graph"]
+    assert not exact.cuda_graph and not speed.resolve_profile("exact", cpu, cuda_graph=True).cuda_graph
+    assert not speed.PROFILES["cache"]["cuda_graph"] and not fastest.cuda_graph
+    with pytest.raises(InputError, match=r"cuda_graph=True cannot go with step_cache=0\.2"):
+        speed.SpeedConfig(cuda_graph=True, step_cache=0.2)
     with pytest.raises(InputError, match="Unknown speed profile 'turbo'"):
         speed.resolve_profile("turbo", cpu)
     with pytest.raises(InputError, match="Unknown speed option"):
