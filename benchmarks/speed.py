@@ -792,6 +792,10 @@ def section_pipeline(
             with torch.inference_mode():
                 profiled = kernel_profile(functools.partial(ours, size, 4), device)
             rec.add("imagezoo", {"op": "profile", "size": size, "pipeline_steps": 4, "variant": "exact"}, **profiled)
+        if size == args.pipeline_sizes[0] and not args.explore:  # what the CUDA graph adds (`exact-graph` = without)
+            apply_variant(dit, EXPLORE_VARIANTS["exact-graph"])
+            run("imagezoo", "exact-graph", size, ours)
+            apply_variant(dit, {})
         if ref_pipe is not None and "diffusers" in args.pipeline_variants:
             run("diffusers", "diffusers", size, theirs)
         for threshold in args.cache_thresholds if "cache" in args.pipeline_variants else ():
@@ -816,6 +820,10 @@ def section_pipeline(
         dit.step_cache = None
         if "fp8" in args.pipeline_variants:
             run("imagezoo", "fp8", size, ours)
+            if size == args.pipeline_sizes[0]:  # FP8 without the CUDA graph
+                dit.cuda_graph = False
+                run("imagezoo", "fp8-graph", size, ours)
+                dit.cuda_graph = True
         for threshold in args.cache_thresholds if "fastest" in args.pipeline_variants else ():
             speed.enable_step_cache(dit, threshold, max_skips=speed.SpeedConfig().cache_max_skips)
             run("imagezoo", f"fastest@{threshold:g}", size, ours, threshold=threshold)
