@@ -820,10 +820,12 @@ def section_pipeline(
         dit.step_cache = None
         if "fp8" in args.pipeline_variants:
             run("imagezoo", "fp8", size, ours)
-            if size == args.pipeline_sizes[0]:  # FP8 without the CUDA graph
+            if size == args.pipeline_sizes[0]:  # FP8 without the CUDA graph, and with the modulation tables
                 dit.cuda_graph = False
                 run("imagezoo", "fp8-graph", size, ours)
-                dit.cuda_graph = True
+                dit.cuda_graph, dit.modulation_tables = True, True
+                run("imagezoo", "fp8+tables", size, ours)
+                dit.modulation_tables = False
         for threshold in args.cache_thresholds if "fastest" in args.pipeline_variants else ():
             speed.enable_step_cache(dit, threshold, max_skips=speed.SpeedConfig().cache_max_skips)
             run("imagezoo", f"fastest@{threshold:g}", size, ours, threshold=threshold)
