@@ -147,8 +147,8 @@ class SpeedConfig:
 DEFAULT_CACHE_THRESHOLD = 0.2
 
 _EXACT: dict[str, Any] = {"compile": True, "fused_gelu": True, "fused_qk": True, "cuda_graph": True}
-# FP8 leaves the modulation tables off: with them the compiled FP8 CFG-batch forward ran slower, not faster
-# (H100, 1024²: 236.8 against 214.5 ms, graph replayed in both; cause not found), unlike the bf16 one (docs/speed.md).
+# FP8 leaves the modulation tables off: with them the FP8 CFG-batch forward ran slower, not faster, unlike the bf16
+# one (H100, 1024² pipeline: 12.20 s against 11.00; cause not found; docs/benchmarks.md).
 _FP8: dict[str, Any] = {**_EXACT, "fp8": True, "modulation_tables": False}
 _CACHE: dict[str, Any] = {"cuda_graph": False, "step_cache": DEFAULT_CACHE_THRESHOLD}
 PROFILES: dict[str, dict[str, Any]] = {
