@@ -863,7 +863,7 @@ class QwenImageDiT(nn.Module):
         sigma = torch.as_tensor(sigma, device=latents.device)
         index = scope.tables.row(sigma.reshape(-1)) if self.modulation_tables and not self._blocks_hooked() else None
         row = None if index is None else torch.full((1,), index, dtype=torch.long, device=latents.device)
-        if scope.graphs is None or not self._graphable(latents, text_mask, text_positions, attention_mask):
+        if scope.graphs is None or not self._graphable(latents, text, text_mask, text_positions, attention_mask):
             return self._forward(latents, sigma, text, text_mask, text_positions, attention_mask, row)
 
         def run(latents: Tensor, sigma: Tensor, text: Tensor, *row: Tensor) -> Tensor:
@@ -998,18 +998,25 @@ class QwenImageDiT(nn.Module):
         return any(block._forward_pre_hooks or block._forward_hooks for block in self.transformer_blocks)
 
     def _graphable(
-        self, latents: Tensor, text_mask: Tensor | None, text_positions: Tensor | None, attention_mask: Tensor | None
+        self,
+        latents: Tensor,
+        text: Tensor,
+        text_mask: Tensor | None,
+        text_positions: Tensor | None,
+        attention_mask: Tensor | None,
     ) -> bool:
         """Whether a forward with these inputs can be captured: nothing in it reads the GPU on the host or moves
         weights after its first run (no step cache, memory strategy or attention hook; a right-padded mask, whose
-        lengths the graph key holds)."""
+        lengths the graph key holds). Inputs of the wrong shape go the plain way, which names them."""
         if latents.device.type != "cuda" or self.step_cache is not None or text_positions is not None:
             return False
         if attention_mask is not None or self._forward_pre_hooks or self._forward_hooks or self._blocks_hooked():
             return False
         if any(block.attn.attention_fn is not None for block in self.transformer_blocks):
             return False
-        return text_mask is None or self._mask_facts(text_mask)[1]
+        if text_mask is None:
+            return True
+        return text_mask.shape == (latents.shape[0], text.shape[1]) and self._mask_facts(text_mask)[1]
 
     def _run_blocks_shared(
         self,

@@ -137,5 +137,3 @@ class SamplingScope:
 
     tables: ModulationTables
     graphs: ForwardGraphs | None = None
-    row: Tensor | None = None
-    """The current forward's table row (set for the duration of a forward that uses the tables)."""
