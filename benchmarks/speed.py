@@ -534,12 +534,13 @@ def section_recompile(args: argparse.Namespace, rec: Recorder, device: torch.dev
             with dit.sampling([DIT_SIGMA, SWEEP_SIGMA]):
                 run_ours(dit, inputs)
         warm = state.counter.compiles
+        n_cfg = len(sizes)  # the sweep runs one CFG batch per size
         for mode in ("plain", "loop"):
             with dit.sampling([SWEEP_SIGMA]) if mode == "loop" else contextlib.nullcontext():
                 times = _recompile_sweep(dit, device, sizes, lengths)
             rec.add(
                 "imagezoo",
-                {"op": "recompile_check", "mode": mode, "sizes": sizes, "text_lengths": lengths, "cfg_batches": 3},
+                {"op": "recompile_check", "mode": mode, "sizes": sizes, "text_lengths": lengths, "cfg_batches": n_cfg},
                 compiles_after_warmup=warm,
                 compiles_after_sweep=state.counter.compiles,
                 recompiles=state.counter.compiles - warm,
