@@ -7,6 +7,7 @@ implementations run the same numbers and the reference costs no extra weight mem
 Sections (`--sections`, default all):
     attention  attention kernels at the DiT's shapes (dense, key-padded CFG batch)
     gemm       bf16 vs FP8 matmuls at the block's linear shapes
+    overlap    one block's GEMMs of both streams: in sequence, with fused q/k/v, text on a second CUDA stream
     dit        one DiT forward: diffusers, imagezoo eager, imagezoo `exact` profile (compiled), `fp8` profile
     recompile  compiles after warm-up over 3 resolutions x 3 prompt lengths (exact profile)
     profile    GPU-busy share and kernel-time breakdown of one forward (is there a launch gap for CUDA graphs?)
@@ -54,7 +55,7 @@ from imagezoo.plugins.qwen_image.vae import REAL_VAE, TINY_VAE, QwenImageVAE
 
 logger = logging.getLogger("benchmarks.speed")
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("attention", "gemm", "dit", "recompile", "profile", "pipeline")
+SECTIONS = ("attention", "gemm", "overlap", "dit", "recompile", "profile", "pipeline")
 PIPELINE_VARIANTS = ("diffusers", "cache", "fp8", "fastest")
 GIB = 1024**3
 PROMPT = (
@@ -92,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--explore",
         action="store_true",
         help="extra rows: attention kernels in the DiT, CUDA graph capture, eager pipeline",
+    )
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="pipeline: also time text encoding, each step and VAE decoding apart (exact, with and without graph)",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -356,6 +362,89 @@ def section_gemm(args: argparse.Namespace, rec: Recorder, device: torch.device, 
             rec.add("imagezoo", case, rel_err=round(rel_err(out, target), 5), tflops=round(tflops, 1), **timing)
 
 
+def _block_gemms(
+    img: torch.Tensor, txt: torch.Tensor, weights: dict[str, torch.Tensor], fused_qkv: bool, side: Any
+) -> None:
+    """One block's GEMMs, image stream then text stream per phase; text on `side` (a CUDA stream) when given."""
+
+    def qkv(x: torch.Tensor, prefix: str) -> None:
+        if fused_qkv:
+            F.linear(x, weights[prefix + "qkv"], weights[prefix + "qkv_b"])
+        else:
+            for name in "qkv":
+                F.linear(x, weights[prefix + name], weights[prefix + "b"])
+
+    def rest(x: torch.Tensor, prefix: str) -> None:
+        F.linear(x, weights[prefix + "q"], weights[prefix + "b"])  # output projection
+        hidden = fused.linear_gelu_tanh(x, weights[prefix + "up"], weights[prefix + "up_b"])
+        F.linear(hidden, weights[prefix + "down"], weights[prefix + "b"])
+
+    main = torch.cuda.current_stream()
+    for phase in (qkv, rest):
+        if side is None:
+            phase(img, "img_")
+            phase(txt, "txt_")
+            continue
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            phase(txt, "txt_")
+        phase(img, "img_")
+        main.wait_stream(side)
+
+
+def section_overlap(args: argparse.Namespace, rec: Recorder, device: torch.device, params: DiTParams) -> None:
+    """Can the text stream's GEMMs (few rows: bound by weight reads) hide under the image stream's (compute bound)?
+
+    Times one block's twelve linears, 20 blocks per CUDA graph replay (no launch gaps), arranged: in sequence as the
+    block runs them; with each stream's q/k/v as one GEMM; with the text stream's on a second CUDA stream.
+    """
+    width = params.width
+    gen = torch.Generator(device=device).manual_seed(6)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=gen) * scale
+
+    weights: dict[str, torch.Tensor] = {}
+    for prefix in ("img_", "txt_"):
+        for name in "qkv":
+            weights[prefix + name] = rnd(width, width, scale=width**-0.5)
+        weights[prefix + "qkv"] = torch.cat([weights[prefix + name] for name in "qkv"])
+        weights[prefix + "b"] = rnd(width, scale=0.02)
+        weights[prefix + "qkv_b"] = rnd(3 * width, scale=0.02)
+        weights[prefix + "up"] = rnd(4 * width, width, scale=width**-0.5)
+        weights[prefix + "up_b"] = rnd(4 * width, scale=0.02)
+        weights[prefix + "down"] = rnd(width, 4 * width, scale=(4 * width) ** -0.5)
+    blocks = 20
+    for size in args.sizes:
+        for batch, n_txt in ((1, args.text_len), (2, 2 * 91)):  # 91: the pipeline prompt's tokens, twice for CFG
+            img = rnd(batch * (size // 16) ** 2, width)
+            txt = rnd(n_txt, width)
+            for label, fused_qkv, two_streams in (
+                ("sequence", False, False),
+                ("fused_qkv", True, False),
+                ("two_streams", False, True),
+                ("two_streams+fused_qkv", True, True),
+                ("image_only", False, None),
+            ):
+                case = {"op": "block_gemms", "size": size, "batch": batch, "text_rows": n_txt, "variant": label}
+                side = torch.cuda.Stream(device) if two_streams else None
+                text = txt if two_streams is not None else txt[:0]
+                try:
+                    for _ in range(2):  # warm-up outside the graph (cuBLAS workspaces, heuristics)
+                        _block_gemms(img, text, weights, fused_qkv, side)
+                    sync(device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for _ in range(blocks):
+                            _block_gemms(img, text, weights, fused_qkv, side)
+                    timing = time_ms(graph.replay, device, 10, warmup=2)
+                except RuntimeError as exc:
+                    rec.add("imagezoo", case, error=str(exc).splitlines()[0][:200])
+                    continue
+                rec.add("imagezoo", case, block_ms=round(timing["ms"] / blocks, 4), **timing)
+                del graph
+
+
 DIT_SIGMA = 0.7
 
 
@@ -462,6 +551,7 @@ EXPLORE_VARIANTS: dict[str, dict[str, Any]] = {
     "exact-apart": {"share": False},
     "exact-gelu": {"fused_gelu": False},
     "exact-qk": {"fused_qk": False},
+    "exact-norm": {"fused_norm": False},
     "exact-graph": {"cuda_graph": False},
     "exact-tables": {"tables": False},
 }
@@ -583,10 +673,15 @@ def kernel_profile(fn: Callable[[], Any], device: torch.device) -> dict[str, Any
         fn()
         sync(device)
         wall = (time.perf_counter() - t0) * 1e6
+    return kernel_stats(prof.events(), wall)
+
+
+def kernel_stats(events: Any, wall_us: float) -> dict[str, Any]:
+    """Kernel time by kind, the top kernels and the GPU-busy share of `wall_us`, from profiler events."""
     groups = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     kernels: dict[str, float] = {}
     spans = []
-    for event in prof.events():
+    for event in events:
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         name = event.name
@@ -608,9 +703,10 @@ def kernel_profile(fn: Callable[[], Any], device: torch.device) -> dict[str, Any
         end = max(end, stop)
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
     return {
-        "wall_ms": round(wall / 1000, 2),
+        "wall_ms": round(wall_us / 1000, 2),
         "kernel_ms": round(sum(groups.values()) / 1000, 2),
-        "busy_share": round(busy / wall, 3),
+        "kernels": len(spans),
+        "busy_share": round(busy / wall_us, 3),
         "group_ms": {k: round(v / 1000, 2) for k, v in groups.items()},
         "top_kernels": [(k, round(v / 1000, 2)) for k, v in top],
     }
@@ -637,6 +733,18 @@ def section_profile(args: argparse.Namespace, rec: Recorder, device: torch.devic
                 {"op": "profile", "size": size, "batch": 1, "variant": label},
                 **kernel_profile(lambda: run_ours(dit, inputs), device),
             )
+        # As a sampling loop runs them from the third step (modulation tables, graph replay), batch 1 and CFG.
+        dit.disable_speed()
+        dit.enable_speed("exact")
+        for batch in (1, 2):
+            batch_inputs = dit_inputs(size, batch, args.text_len, device, dit.params)
+            with dit.sampling([DIT_SIGMA]):
+                for _ in range(2):
+                    run_ours(dit, batch_inputs)
+                sync(device)
+                profiled = kernel_profile(lambda batch_inputs=batch_inputs: run_ours(dit, batch_inputs), device)
+            case = {"op": "profile", "size": size, "batch": batch, "variant": "exact-loop"}
+            rec.add("imagezoo", case, **profiled)
         if args.explore:
             section_cuda_graph(rec, device, dit, inputs)
 
@@ -685,6 +793,100 @@ def our_pipeline(dit: QwenImageDiT, te: QwenTextEncoder, vae: QwenImageVAE, devi
     return Pipeline(components, defaults=entry.defaults, device=device, dtype=torch.bfloat16, entry=entry)
 
 
+def _profile_steps(
+    generate: Callable[..., Any], dit: QwenImageDiT, device: torch.device, first: int, count: int
+) -> dict[str, Any]:
+    """Kernel statistics of steps `first` .. `first + count - 1` of one generation, per step (top kernels: summed),
+    and the CUDA graph captures and replays of the loop by then."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    window: list[float] = []
+    graphs: dict[str, int] = {}
+
+    def on_step(index: int, sigma: float, latents: torch.Tensor) -> None:
+        if index == first - 1:
+            sync(device)
+            prof.start()
+            window.append(time.perf_counter())
+        elif index == first + count - 1:
+            sync(device)
+            window.append(time.perf_counter())
+            prof.stop()
+            scope = dit._sampling
+            if scope is not None and scope.graphs is not None:
+                graphs.update(captures=scope.graphs.captures, replays=scope.graphs.replays)
+
+    generate(on_step)
+    stats = kernel_stats(prof.events(), (window[1] - window[0]) * 1e6)
+    per_step = {k: v for k, v in stats.items() if k in ("busy_share", "top_kernels")}
+    per_step.update({k: round(stats[k] / count, 2) for k in ("wall_ms", "kernel_ms", "kernels")})
+    per_step["group_ms"] = {k: round(v / count, 2) for k, v in stats["group_ms"].items()}
+    return {**per_step, **graphs}
+
+
+def pipeline_stages(pipe: Any, generate: Callable[..., Any], device: torch.device) -> dict[str, Any]:
+    """Wall seconds of one generation's text encoding, each step and VAE decoding (synchronized at each boundary).
+
+    `generate(on_step)` runs one generation, calling `on_step(index, sigma, latents)` after each step.
+    """
+    marks: dict[str, list[float]] = {"encode": [], "decode": [], "steps": []}
+    last = [0.0]
+
+    def timed(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(device)
+            marks[key].append(time.perf_counter() - t0)
+            return out
+
+        return run
+
+    sampling = pipe.denoiser.sampling
+
+    @contextlib.contextmanager
+    def sampling_from_now(sigmas: Any) -> Any:
+        with sampling(sigmas):
+            sync(device)
+            last[0] = time.perf_counter()
+            yield
+
+    def step_done(index: int, sigma: float, latents: torch.Tensor) -> None:
+        sync(device)
+        now = time.perf_counter()
+        marks["steps"].append(now - last[0])
+        last[0] = now
+
+    pipe.text_encoder.encode = timed(pipe.text_encoder.encode, "encode")
+    pipe.vae.decode = timed(pipe.vae.decode, "decode")
+    pipe.denoiser.sampling = sampling_from_now
+    try:
+        with torch.inference_mode():
+            generate(step_done)  # warm-up
+            for values in marks.values():
+                values.clear()
+            sync(device)
+            t0 = time.perf_counter()
+            generate(step_done)
+            sync(device)
+            total = time.perf_counter() - t0
+        profiled = _profile_steps(generate, pipe.denoiser.dit, device, 3, 3) if device.type == "cuda" else None
+    finally:  # the instance attributes shadowed the methods
+        del pipe.text_encoder.encode, pipe.vae.decode, pipe.denoiser.sampling
+    steps = marks["steps"]
+    return {
+        "steady_steps_profile": profiled,
+        "s": round(total, 3),
+        "encode_s": round(sum(marks["encode"]), 4),
+        "decode_s": round(sum(marks["decode"]), 4),
+        "steps_s": round(sum(steps), 3),
+        "first_steps_ms": [round(t * 1000, 1) for t in steps[:3]],
+        "median_step_ms": round(statistics.median(steps[3:]) * 1000, 2) if len(steps) > 3 else None,
+    }
+
+
 def section_pipeline(
     args: argparse.Namespace,
     rec: Recorder,
@@ -707,10 +909,12 @@ def section_pipeline(
         gen = torch.Generator("cpu").manual_seed(42)
         return torch.randn(1, 16, size // 8, size // 8, generator=gen)
 
-    def ours(size: int, steps: int) -> tuple[torch.Tensor, Any]:
+    def ours(size: int, steps: int, on_step: Callable[..., None] | None = None) -> tuple[torch.Tensor, Any]:
         final: list[torch.Tensor] = []
 
         def keep_last(index: int, sigma: float, latents: torch.Tensor) -> None:
+            if on_step is not None:
+                on_step(index, sigma, latents)
             if index == steps - 1:
                 final.append(latents.clone())
 
@@ -793,9 +997,19 @@ def section_pipeline(
             with torch.inference_mode():
                 profiled = kernel_profile(functools.partial(ours, size, 4), device)
             rec.add("imagezoo", {"op": "profile", "size": size, "pipeline_steps": 4, "variant": "exact"}, **profiled)
-        if size == args.pipeline_sizes[0] and not args.explore:  # what the CUDA graph adds (`exact-graph` = without)
-            apply_variant(dit, EXPLORE_VARIANTS["exact-graph"])
-            run("imagezoo", "exact-graph", size, ours)
+        if args.stages:
+            for label, options in (("exact", {}), ("exact-graph", EXPLORE_VARIANTS["exact-graph"])):
+                apply_variant(dit, options)
+                rec.add(
+                    "imagezoo",
+                    {"op": "pipeline_stages", "size": size, "steps": args.steps, "variant": label},
+                    **pipeline_stages(pipe, functools.partial(ours, size, args.steps), device),
+                )
+            apply_variant(dit, {})
+        if size == args.pipeline_sizes[0] and not args.explore:  # what the graph and the fused norms add
+            for label in ("exact-graph", "exact-norm"):
+                apply_variant(dit, EXPLORE_VARIANTS[label])
+                run("imagezoo", label, size, ours)
             apply_variant(dit, {})
         if ref_pipe is not None and "diffusers" in args.pipeline_variants:
             run("diffusers", "diffusers", size, theirs)
@@ -821,10 +1035,14 @@ def section_pipeline(
         dit.step_cache = None
         if "fp8" in args.pipeline_variants:
             run("imagezoo", "fp8", size, ours)
-            if size == args.pipeline_sizes[0]:  # FP8 without the CUDA graph, and with the modulation tables
+            if size == args.pipeline_sizes[0]:  # FP8 without the CUDA graph or the fused norms; with the tables
                 dit.cuda_graph = False
                 run("imagezoo", "fp8-graph", size, ours)
-                dit.cuda_graph, dit.modulation_tables = True, True
+                dit.cuda_graph = True
+                speed.set_fused_ops(dit, gelu=True, qk=True, norm=False)
+                run("imagezoo", "fp8-norm", size, ours)
+                speed.set_fused_ops(dit, gelu=True, qk=True, norm=True)
+                dit.modulation_tables = True
                 run("imagezoo", "fp8+tables", size, ours)
                 dit.modulation_tables = False
         for threshold in args.cache_thresholds if "fastest" in args.pipeline_variants else ():
@@ -874,6 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
         guarded(rec, "attention", section_attention, args, rec, device, params)
     if "gemm" in args.sections and device.type == "cuda":
         guarded(rec, "gemm", section_gemm, args, rec, device, params)
+    if "overlap" in args.sections and device.type == "cuda":
+        guarded(rec, "overlap", section_overlap, args, rec, device, params)
 
     t0 = time.perf_counter()
     dit = build_dit(params, device, torch.bfloat16)
