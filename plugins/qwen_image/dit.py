@@ -22,7 +22,13 @@ from torch.utils.checkpoint import checkpoint
 
 from imagezoo.errors import ConfigError, InputError, WeightsError
 from imagezoo.plugins.qwen_image.attention import check_backend, dense_attention, joint_attention
-from imagezoo.plugins.qwen_image.fused import is_plain_linear, joint_qk_norm_rope, linear_gelu_tanh
+from imagezoo.plugins.qwen_image.fused import (
+    is_plain_linear,
+    joint_qk_norm_rope,
+    linear_gelu_tanh,
+    modulate_norm,
+    residual_modulate_norm,
+)
 from imagezoo.plugins.qwen_image.sampling import ForwardGraphs, ModulationTables, SamplingScope
 from imagezoo.state_dict import assign_state_dict
 
@@ -283,6 +289,14 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
         # One sample: the modulation is a plain affine LayerNorm, one fused kernel instead of two passes.
         return F.layer_norm(x, x.shape[-1:], (1 + scale).reshape(-1), shift.reshape(-1), eps)
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+
+
+def _residual(
+    x: Tensor, update: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """`x + gate * update`, and its `_modulate`."""
+    x = torch.addcmul(x, gate, update)
+    return x, _modulate(x, shift, scale, eps)
 
 
 def _version(tensor: Tensor) -> int | None:
@@ -559,6 +573,7 @@ class QwenImageBlock(nn.Module):
         self.attn = _JointAttention(params)
         self.img_mlp = _MLP(width)
         self.txt_mlp = _MLP(width)
+        self.fused_norm = False
 
     def forward(
         self,
@@ -592,20 +607,22 @@ class QwenImageBlock(nn.Module):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod[:, None].chunk(6, -1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod[:, None].chunk(6, -1)
 
+        # `fused_norm` (a speed option): the same maths as one-pass ops (`fused.py`), rounded once instead of per op.
+        norm, residual_norm = (modulate_norm, residual_modulate_norm) if self.fused_norm else (_modulate, _residual)
         img_attn, txt_attn = self.attn(
-            _modulate(img, i_shift1, i_scale1, eps),
-            _modulate(txt, t_shift1, t_scale1, eps),
+            norm(img, i_shift1, i_scale1, eps),
+            norm(txt, t_shift1, t_scale1, eps),
             img_freqs,
             txt_freqs,
             mask,
             text_out,
         )
-        img = torch.addcmul(img, i_gate1, img_attn)
+        img, img_normed = residual_norm(img, img_attn, i_gate1, i_shift2, i_scale2, eps)
         del img_attn  # not alive through the MLP, whose hidden layer is the activation peak
-        img = torch.addcmul(img, i_gate2, self.img_mlp(_modulate(img, i_shift2, i_scale2, eps)))
+        img = torch.addcmul(img, i_gate2, self.img_mlp(img_normed))
         if txt_attn is not None:
-            txt = torch.addcmul(txt, t_gate1, txt_attn)
-            txt = torch.addcmul(txt, t_gate2, self.txt_mlp(_modulate(txt, t_shift2, t_scale2, eps)))
+            txt, txt_normed = residual_norm(txt, txt_attn, t_gate1, t_shift2, t_scale2, eps)
+            txt = torch.addcmul(txt, t_gate2, self.txt_mlp(txt_normed))
         if img.dtype == torch.float16:  # residual stream can exceed fp16 range on real weights
             img = img.clip(-_FP16_MAX, _FP16_MAX)
             if txt_attn is not None:

@@ -89,6 +89,9 @@ class SpeedConfig:
             inference only, layers with LoRA/FP8 hooks keep the plain path).
         fused_qk: Normalize and rotate q/k of both streams straight into the joint attention input
             (`fused.joint_qk_norm_rope`, Triton on CUDA) instead of per stream, then copied.
+        fused_norm: Run each block's modulated LayerNorms, the one after attention together with the gated residual
+            update before it, as one-pass ops (`fused.modulate_norm`, `fused.residual_modulate_norm`; Triton on
+            CUDA) instead of inductor's reductions.
         cuda_graph: Inside a sampling loop (`QwenImageDiT.sampling`), capture the forward into a CUDA graph at the
             second step and replay it at the later ones (CUDA only; not with `step_cache`).
         modulation_tables: Inside a sampling loop, compute every block's modulation for all steps at the first
@@ -110,6 +113,7 @@ class SpeedConfig:
     dynamic: bool = True
     fused_gelu: bool = False
     fused_qk: bool = False
+    fused_norm: bool = False
     cuda_graph: bool = False
     modulation_tables: bool = True
     fp8: bool = False
@@ -146,7 +150,13 @@ class SpeedConfig:
 # Step-cache threshold of the "cache" profiles: see docs/benchmarks.md for the skip rate and error it gave.
 DEFAULT_CACHE_THRESHOLD = 0.2
 
-_EXACT: dict[str, Any] = {"compile": True, "fused_gelu": True, "fused_qk": True, "cuda_graph": True}
+_EXACT: dict[str, Any] = {
+    "compile": True,
+    "fused_gelu": True,
+    "fused_qk": True,
+    "fused_norm": True,
+    "cuda_graph": True,
+}
 # FP8 leaves the modulation tables off: with them the FP8 CFG-batch forward ran slower, not faster, unlike the bf16
 # one (H100, 1024² pipeline: 12.20 s against 11.00; cause not found; docs/benchmarks.md).
 _FP8: dict[str, Any] = {**_EXACT, "fp8": True, "modulation_tables": False}
@@ -179,8 +189,9 @@ def resolve_profile(profile: str | SpeedConfig, device: torch.device, **override
 
     "auto" is the best exact profile for the device: regional compile on CUDA when Triton is installed, nothing
     on CPU (compiling a float32 CPU model mostly costs start-up time). A profile asking for compile where inductor
-    can't run drops it with a warning; CUDA graphs are dropped off CUDA (with a warning when asked for by name);
-    FP8 off FP8 hardware stays on (same rounding, no speed-up; `enable_speed` warns).
+    can't run drops it with a warning; CUDA graphs are dropped off CUDA (with a warning when asked for by name), and
+    so are a profile's fused norms (kept when asked for by name); FP8 off FP8 hardware stays on (same rounding, no
+    speed-up; `enable_speed` warns).
 
     Raises:
         InputError: Unknown profile name or option.
@@ -205,6 +216,9 @@ def resolve_profile(profile: str | SpeedConfig, device: torch.device, **override
         log = logger.warning if overrides.get("cuda_graph") else logger.debug
         log("CUDA graphs need a CUDA device, not %s; running without.", device)
         config = replace(config, cuda_graph=False)
+    if config.fused_norm and device.type != "cuda" and "fused_norm" not in overrides:
+        # A profile's choice: the op's kernel is CUDA's; elsewhere the block's own ops are as fast and bit-exact.
+        config = replace(config, fused_norm=False)
     return config
 
 
@@ -252,7 +266,7 @@ def enable_speed(dit: QwenImageDiT, profile: str | SpeedConfig = "auto", **overr
     config = resolve_profile(profile, device, **overrides)
     state = SpeedState(config=config, previous_attention=dit.attention_backend)
     dit.set_attention_backend(config.attention)
-    set_fused_ops(dit, gelu=config.fused_gelu, qk=config.fused_qk)
+    set_fused_ops(dit, gelu=config.fused_gelu, qk=config.fused_qk, norm=config.fused_norm)
     dit.cuda_graph = config.cuda_graph
     dit.modulation_tables = config.modulation_tables
     if config.fp8:
@@ -291,19 +305,20 @@ def disable_speed(dit: QwenImageDiT) -> None:
         uncompile_blocks(dit)
     if state.fp8_mode is not None:
         disable_fp8_compute(dit)
-    set_fused_ops(dit, gelu=False, qk=False)
+    set_fused_ops(dit, gelu=False, qk=False, norm=False)
     dit.cuda_graph = False
     dit.modulation_tables = True
     dit.set_attention_backend(state.previous_attention)
     dit._speed_state = None
 
 
-def set_fused_ops(dit: QwenImageDiT, *, gelu: bool, qk: bool) -> None:
-    """Switch the fused ops of every block (see `SpeedConfig.fused_gelu` and `SpeedConfig.fused_qk`)."""
+def set_fused_ops(dit: QwenImageDiT, *, gelu: bool, qk: bool, norm: bool) -> None:
+    """Switch the fused ops of every block (`SpeedConfig.fused_gelu`, `fused_qk` and `fused_norm`)."""
     for block in dit.transformer_blocks:
         for mlp in (block.img_mlp, block.txt_mlp):
             mlp.net[0].fused_gelu = gelu
         block.attn.fused_qk = qk
+        block.fused_norm = norm
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from imagezoo.plugins.qwen_image import fused
-from imagezoo.plugins.qwen_image.dit import DiTParams, _apply_rope, _RMSNorm
+from imagezoo.plugins.qwen_image.dit import DiTParams, _apply_rope, _modulate, _residual, _RMSNorm
 
 PARAMS = DiTParams(num_layers=3, num_heads=2, head_dim=16, text_dim=32, axes_dims=(4, 6, 6))
 TOL = 1e-5
@@ -100,5 +100,83 @@ def test_dit_with_fused_qk_equals_the_default(seeded_dit, device) -> None:
     dit.disable_speed()
     assert not dit.transformer_blocks[0].attn.fused_qk
     tol = TOL if device == "cpu" else 2e-2  # bf16: the op rounds once, the per-stream ops twice
+    for out, ref in zip(got, expected, strict=True):
+        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() <= tol
+
+
+def _modulation_inputs(b: int, n: int, width: int, mod_batch: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (2 * torch.randn(b, n, width, generator=gen) + 0.5).to(dtype)
+    update = torch.randn(b, n, width, generator=gen).to(dtype)
+    # Views of one (B, 3 * D) tensor, as the block's `chunk` of its modulation gives them.
+    mod = (0.5 * torch.randn(mod_batch, 1, 3 * width, generator=gen)).to(dtype)
+    gate, shift, scale = mod.chunk(3, -1)
+    return x, update, gate, shift, scale
+
+
+@pytest.mark.parametrize("mod_batch", [1, 2])
+def test_modulate_norm_ops_equal_the_block_ops(mod_batch) -> None:
+    x, update, gate, shift, scale = _modulation_inputs(2, 7, 24, mod_batch)
+    expected = _modulate(x, shift, scale, 1e-6)
+    assert (fused.modulate_norm(x, shift, scale, 1e-6) - expected).abs().max().item() <= TOL
+    residual, normed = fused.residual_modulate_norm(x, update, gate, shift, scale, 1e-6)
+    ref_residual, ref_normed = _residual(x, update, gate, shift, scale, 1e-6)
+    assert (residual - ref_residual).abs().max().item() <= TOL
+    assert (normed - ref_normed).abs().max().item() <= TOL
+
+
+def test_modulate_norm_rejects_mismatched_shapes() -> None:
+    x, update, gate, shift, scale = _modulation_inputs(2, 7, 24, 2)
+    with pytest.raises(ValueError, match=r"\(B, N, D\).*\(2, 7, 24\)"):
+        fused.modulate_norm(x, shift[..., :12], scale, 1e-6)
+    with pytest.raises(ValueError, match=r"update \(2, 6, 24\)"):
+        fused.residual_modulate_norm(x, update[:, :6], gate, shift, scale, 1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs on CPU)")
+def test_modulate_norm_triton_kernel_interpreted() -> None:
+    script = textwrap.dedent(
+        """
+        import torch
+        from imagezoo.plugins.qwen_image import fused
+        from tests.plugins.qwen_image.test_fused import _modulation_inputs
+        worst = 0.0
+        for shape, dtype in (((2, 5, 48, 2), torch.float32), ((2, 3, 40, 1), torch.bfloat16),
+                             ((1, 4, 3072, 1), torch.bfloat16), ((2, 3, 16, 2), torch.float16)):
+            x, update, gate, shift, scale = _modulation_inputs(*shape, dtype=dtype, seed=2)
+            ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(dtype, 1e-6)  # one rounding to the dtype
+            ref_residual = (x.float() + gate.float() * update.float()).to(dtype).float()
+            plain = fused._modulate_norm_reference(x, shift, scale, 1e-6).float()
+            residual, normed = fused._launch_modulate_norm(x, update, gate, shift, scale, 1e-6)
+            _, alone = fused._launch_modulate_norm(x, None, None, shift, scale, 1e-6)
+            assert residual.dtype == normed.dtype == alone.dtype == dtype
+            # The interpreter rounds to bf16 its own way (the GPU: to nearest), so the residual is checked to one ulp
+            # and the norm against the reference applied to the kernel's own residual.
+            ref_normed = fused._modulate_norm_reference(residual, shift, scale, 1e-6).float()
+            for out, ref in ((residual, ref_residual), (normed, ref_normed), (alone, plain)):
+                worst = max(worst, ((out.float() - ref).abs() - ulp * ref.abs() - 1e-5).max().item())
+        print(worst)
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) <= 0.0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA"))])
+def test_dit_with_fused_norm_equals_the_default(seeded_dit, device) -> None:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dit = seeded_dit(PARAMS).to(device, dtype)
+    dit.split_padded_batches = True
+    expected = _dit_outputs(dit, device, dtype)
+    dit.enable_speed("off", fused_norm=True)
+    assert all(block.fused_norm for block in dit.transformer_blocks)
+    got = _dit_outputs(dit, device, dtype)
+    dit.disable_speed()
+    assert not dit.transformer_blocks[0].fused_norm
+    tol = TOL if device == "cpu" else 2e-2  # bf16: the op rounds once, the block's ops once per op
     for out, ref in zip(got, expected, strict=True):
         assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() <= tol
