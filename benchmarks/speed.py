@@ -5,7 +5,7 @@ disk), full size, bf16. diffusers' modules are built on the meta device and give
 implementations run the same numbers and the reference costs no extra weight memory.
 
 Sections (`--sections`, default all):
-    attention  attention kernels at the DiT's shapes (dense, key-padded CFG batch)
+    attention  attention kernels at the DiT's shapes (dense, key-padded CFG batch), cuDNN against sequence length
     gemm       bf16 vs FP8 matmuls at the block's linear shapes
     overlap    one block's GEMMs of both streams: in sequence, with fused q/k/v, text on a second CUDA stream
     dit        one DiT forward: diffusers, imagezoo eager, imagezoo `exact` profile (compiled), `fp8` profile
@@ -97,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stages",
         action="store_true",
-        help="pipeline: also time text encoding, each step and VAE decoding apart (exact, with and without graph)",
+        help="pipeline: also time text encoding, each step and VAE decoding apart (exact, with and without graph; "
+        "first pipeline size)",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -262,16 +263,19 @@ def dit_flops(n_img: int, n_txt: int, width: int, layers: int) -> float:
 
 
 class Recorder:
-    """Collects result rows and prints each as it comes."""
+    """Collects result rows, prints each as it comes, and calls `on_row` (which may save what was measured so far)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_row: Callable[[], None] | None = None) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.on_row = on_row
 
     def add(self, impl: str, case: dict[str, Any], **values: Any) -> dict[str, Any]:
         row = {"impl": impl, "case": case, **values}
         self.rows.append(row)
         shown = {k: v for k, v in values.items() if not isinstance(v, (list, dict))}
         print(f"[row] {impl:9s} {json.dumps(case)} {json.dumps(shown)}", flush=True)
+        if self.on_row is not None:
+            self.on_row()
         return row
 
 
@@ -320,6 +324,28 @@ def section_attention(args: argparse.Namespace, rec: Recorder, device: torch.dev
                 err = rel_err(out, ref)
                 tflops = flops / (timing["ms"] * 1e-3) / 1e12
                 rec.add("imagezoo", case, resolved=resolved, rel_err=round(err, 6), tflops=round(tflops, 1), **timing)
+    _key_length_sweep(rec, device, params, (args.sizes[0] // 16) ** 2)
+
+
+def _key_length_sweep(rec: Recorder, device: torch.device, params: DiTParams, n_img: int) -> None:
+    """cuDNN attention at joint lengths of 1024² prompts: 6 text tokens (the CFG negative " "), 96, 128; and 0."""
+    heads, dim = params.num_heads, params.head_dim
+    gen = torch.Generator(device=device).manual_seed(8)
+    for n_txt in (0, 6, 96, 128):
+        n = n_img + n_txt
+        q, k, v = (
+            torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+            for _ in range(3)
+        )
+
+        def run(q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v) -> torch.Tensor:
+            with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        timing = time_ms(run, device, 20, warmup=3)
+        tflops = 4 * heads * dim * n * n / (timing["ms"] * 1e-3) / 1e12
+        case = {"op": "attention_length", "tokens": n, "text": n_txt, "backend": "cudnn"}
+        rec.add("imagezoo", case, tflops=round(tflops, 1), **timing)
 
 
 def section_gemm(args: argparse.Namespace, rec: Recorder, device: torch.device, params: DiTParams) -> None:
@@ -733,18 +759,21 @@ def section_profile(args: argparse.Namespace, rec: Recorder, device: torch.devic
                 {"op": "profile", "size": size, "batch": 1, "variant": label},
                 **kernel_profile(lambda: run_ours(dit, inputs), device),
             )
-        # As a sampling loop runs them from the third step (modulation tables, graph replay), batch 1 and CFG.
-        dit.disable_speed()
-        dit.enable_speed("exact")
-        for batch in (1, 2):
-            batch_inputs = dit_inputs(size, batch, args.text_len, device, dit.params)
-            with dit.sampling([DIT_SIGMA]):
-                for _ in range(2):
-                    run_ours(dit, batch_inputs)
-                sync(device)
-                profiled = kernel_profile(lambda batch_inputs=batch_inputs: run_ours(dit, batch_inputs), device)
-            case = {"op": "profile", "size": size, "batch": batch, "variant": "exact-loop"}
-            rec.add("imagezoo", case, **profiled)
+        # As a sampling loop runs them from the third step (exact: modulation tables and graph replay; fp8: the
+        # graph), batch 1 and CFG.
+        for profile, batches in (("exact", (1, 2)), ("fp8", (1,))):
+            dit.disable_speed()
+            dit.enable_speed(profile)
+            for batch in batches:
+                batch_inputs = dit_inputs(size, batch, args.text_len, device, dit.params)
+                with dit.sampling([DIT_SIGMA]):
+                    for _ in range(2):
+                        run_ours(dit, batch_inputs)
+                    sync(device)
+                    profiled = kernel_profile(lambda batch_inputs=batch_inputs: run_ours(dit, batch_inputs), device)
+                case = {"op": "profile", "size": size, "batch": batch, "variant": f"{profile}-loop"}
+                rec.add("imagezoo", case, **profiled)
+        dit.disable_speed()  # frees the FP8 copies
         if args.explore:
             section_cuda_graph(rec, device, dit, inputs)
 
@@ -997,7 +1026,7 @@ def section_pipeline(
             with torch.inference_mode():
                 profiled = kernel_profile(functools.partial(ours, size, 4), device)
             rec.add("imagezoo", {"op": "profile", "size": size, "pipeline_steps": 4, "variant": "exact"}, **profiled)
-        if args.stages:
+        if args.stages and size == args.pipeline_sizes[0]:
             for label, options in (("exact", {}), ("exact-graph", EXPLORE_VARIANTS["exact-graph"])):
                 apply_variant(dit, options)
                 rec.add(
@@ -1083,9 +1112,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     params = TINY_DIT if args.tiny else REAL_DIT
-    rec = Recorder()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     started = time.perf_counter()
+    result: dict[str, Any] = {
+        "name": "speed",
+        "gpu": gpu,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "versions": versions("imagezoo", "diffusers", "transformers", "triton"),
+        "command": shlex.join(
+            ["python", "benchmarks/speed.py", *_without_out(argv if argv is not None else sys.argv[1:])]
+        ),
+        "total_s": None,  # None until the run ends: a run stopped midway keeps the rows it measured
+        "rows": [],
+    }
+    rec = Recorder(lambda: write_json(args.out, result))
+    result["rows"] = rec.rows
     use_diffusers = not args.no_diffusers and importlib.util.find_spec("diffusers") is not None
 
     if "attention" in args.sections and device.type == "cuda":
@@ -1127,17 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
         if "dit" in args.sections:  # FP8 forward rows, now on FP8-only weights
             section_fp8_dit(args, rec, device, dit, exact, keep_bf16=False)
 
-    result = {
-        "name": "speed",
-        "gpu": gpu,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "versions": versions("imagezoo", "diffusers", "transformers", "triton"),
-        "command": shlex.join(
-            ["python", "benchmarks/speed.py", *_without_out(argv if argv is not None else sys.argv[1:])]
-        ),
-        "total_s": round(time.perf_counter() - started, 1),
-        "rows": rec.rows,
-    }
+    result["total_s"] = round(time.perf_counter() - started, 1)
     write_json(args.out, result)
     print(f"wrote {args.out} ({len(rec.rows)} rows, {result['total_s']} s)")
     return 0
