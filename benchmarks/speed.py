@@ -1064,13 +1064,13 @@ def section_pipeline(
         dit.step_cache = None
         if "fp8" in args.pipeline_variants:
             run("imagezoo", "fp8", size, ours)
-            if size == args.pipeline_sizes[0]:  # FP8 without the CUDA graph or the fused norms; with the tables
+            if size == args.pipeline_sizes[0]:  # FP8 without the CUDA graph; with the fused norms; with the tables
                 dit.cuda_graph = False
                 run("imagezoo", "fp8-graph", size, ours)
                 dit.cuda_graph = True
-                speed.set_fused_ops(dit, gelu=True, qk=True, norm=False)
-                run("imagezoo", "fp8-norm", size, ours)
                 speed.set_fused_ops(dit, gelu=True, qk=True, norm=True)
+                run("imagezoo", "fp8+norm", size, ours)
+                speed.set_fused_ops(dit, gelu=True, qk=True, norm=False)
                 dit.modulation_tables = True
                 run("imagezoo", "fp8+tables", size, ours)
                 dit.modulation_tables = False

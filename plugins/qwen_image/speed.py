@@ -158,8 +158,10 @@ _EXACT: dict[str, Any] = {
     "cuda_graph": True,
 }
 # FP8 leaves the modulation tables off: with them the FP8 CFG-batch forward ran slower, not faster, unlike the bf16
-# one (H100, 1024² pipeline: 12.20 s against 11.00; cause not found; docs/benchmarks.md).
-_FP8: dict[str, Any] = {**_EXACT, "fp8": True, "modulation_tables": False}
+# one (H100, 1024² pipeline: 12.20 s against 11.00; cause not found). It leaves the fused norms off too: inductor
+# fuses the norms with the FP8 activation quantization after them, which the ops would split (11.03 s without
+# them against 11.25 with; docs/benchmarks.md).
+_FP8: dict[str, Any] = {**_EXACT, "fp8": True, "modulation_tables": False, "fused_norm": False}
 _CACHE: dict[str, Any] = {"cuda_graph": False, "step_cache": DEFAULT_CACHE_THRESHOLD}
 PROFILES: dict[str, dict[str, Any]] = {
     "off": {},

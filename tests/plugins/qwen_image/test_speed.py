@@ -401,8 +401,10 @@ def test_profiles_resolve() -> None:
     assert speed.resolve_profile("exact", cpu).exact and not speed.resolve_profile("fp8", cpu).exact
     exact, fastest = speed.resolve_profile("exact", cpu), speed.resolve_profile("fastest", cpu)
     assert exact.fused_gelu and exact.fused_qk and fastest.fused_gelu and fastest.fused_qk
-    # Fused norms: in the profiles, but off CUDA only when asked for by name.
-    assert speed.PROFILES["exact"]["fused_norm"] and speed.PROFILES["fastest"]["fused_norm"]
+    # Fused norms: in the bf16 profiles (not FP8's, which fuses its quantization with the norms), and off CUDA only
+    # when asked for by name.
+    assert speed.PROFILES["exact"]["fused_norm"] and speed.PROFILES["cache"]["fused_norm"]
+    assert not speed.PROFILES["fp8"]["fused_norm"] and not speed.PROFILES["fastest"]["fused_norm"]
     assert not exact.fused_norm and speed.resolve_profile("exact", cpu, fused_norm=True).fused_norm
     # CUDA graphs: in the profiles without the step cache, dropped off CUDA; never with the cache.
     assert speed.PROFILES["exact"]["cuda_graph"] and speed.PROFILES["fp8"]["cuda_graph"]
