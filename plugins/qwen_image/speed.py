@@ -9,7 +9,9 @@ Exact options (same function, float rounding aside):
   `CompileCounter` counts every graph compiled, so a benchmark can show that nothing recompiles after warm-up;
 - the MLP up-projection with its GELU in the GEMM epilogue (`fused.linear_gelu_tanh`);
 - q/k RMSNorm + RoPE of both streams written straight into the joint attention input (`fused.joint_qk_norm_rope`);
-- CUDA graphs of the forward inside a sampling loop (`cuda_graph`, `sampling.py`): captured at the second step,
+- each block's modulated LayerNorms, the second with the gated residual before it, in one pass
+  (`fused.modulate_norm`, `fused.residual_modulate_norm`);
+- CUDA graphs of the forward inside a sampling loop (`cuda_graph`, `sampling.py`): recorded at the second step,
   replayed after, so the GPU never waits on Python between kernels.
 
 Lossy options (opt-in, their cost measured in docs/benchmarks.md):
@@ -158,9 +160,9 @@ _EXACT: dict[str, Any] = {
     "cuda_graph": True,
 }
 # FP8 leaves the modulation tables off: with them the FP8 CFG-batch forward ran slower, not faster, unlike the bf16
-# one (H100, 1024² pipeline: 12.20 s against 11.00; cause not found). It leaves the fused norms off too: inductor
-# fuses the norms with the FP8 activation quantization after them, which the ops would split (11.03 s without
-# them against 11.25 with; docs/benchmarks.md).
+# one (H100, 1024² pipeline: 12.06 s against 11.05; cause not found). It leaves the fused norms off too: inductor
+# fuses the norms with the FP8 activation quantization after them, which the ops would split (11.56 s with them;
+# benchmarks/results/speed_pipeline.json).
 _FP8: dict[str, Any] = {**_EXACT, "fp8": True, "modulation_tables": False, "fused_norm": False}
 _CACHE: dict[str, Any] = {"cuda_graph": False, "step_cache": DEFAULT_CACHE_THRESHOLD}
 PROFILES: dict[str, dict[str, Any]] = {
