@@ -70,8 +70,8 @@ def _check_modulation(x: Tensor, *vectors: Tensor) -> None:
 def _modulate_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     """`layer_norm(x) * (1 + scale) + shift`: a block's modulated norm, one pass over `x` on CUDA.
 
-    Compiled, inductor makes this a looped reduction over the 3,072 channels that reaches a third to a half of the
-    H100's memory bandwidth; the Triton kernel holds each row in registers and reads it once.
+    Compiled, inductor's kernels for the block's norms reached 1.2-2.2 TB/s of an H100's 3.35; the Triton kernel
+    holds each row in registers and reads it once (about 2.6 TB/s).
 
     Args:
         x: (B, N, D) tokens.
