@@ -855,7 +855,8 @@ def _profile_steps(
 
 
 def pipeline_stages(pipe: Any, generate: Callable[..., Any], device: torch.device) -> dict[str, Any]:
-    """Wall seconds of one generation's text encoding, each step and VAE decoding (synchronized at each boundary).
+    """Wall seconds of one generation's text encoding, each step and VAE decoding (synchronized at each boundary),
+    and on CUDA a kernel profile of its steady steps (3 to 5, from a further generation).
 
     `generate(on_step)` runs one generation, calling `on_step(index, sigma, latents)` after each step.
     """
