@@ -453,26 +453,15 @@ class _JointAttention(nn.Module):
             return self._attention_per_sample(img, txt, img_freqs, txt_freqs, text_out, heads)
         if mask is None and self.attention_fn is None and (self.low_activation or self.fused_qk):
             # Joint tensors built from temporaries: no per-stream copy stays alive through the attention kernel.
-            q = (
-                self._joint_qk(
-                    self.add_q_proj(txt).view(heads),
-                    self.to_q(img).view(heads),
-                    self.norm_added_q,
-                    self.norm_q,
-                    txt_freqs,
-                    img_freqs,
-                )
-                if text_out
-                else qk(img, self.to_q, self.norm_q, img_freqs)
-            )
-            k = self._joint_qk(
-                self.add_k_proj(txt).view(heads),
-                self.to_k(img).view(heads),
-                self.norm_added_k,
-                self.norm_k,
-                txt_freqs,
-                img_freqs,
-            )
+            def joint(txt_proj: nn.Linear, img_proj: nn.Linear, txt_norm: _RMSNorm, img_norm: _RMSNorm) -> Tensor:
+                txt_heads, img_heads = txt_proj(txt).view(heads), img_proj(img).view(heads)
+                return self._joint_qk(txt_heads, img_heads, txt_norm, img_norm, txt_freqs, img_freqs)
+
+            if text_out:
+                q = joint(self.add_q_proj, self.to_q, self.norm_added_q, self.norm_q)
+            else:
+                q = qk(img, self.to_q, self.norm_q, img_freqs)
+            k = joint(self.add_k_proj, self.to_k, self.norm_added_k, self.norm_k)
             v = torch.cat([self.add_v_proj(txt).view(heads), self.to_v(img).view(heads)], 1)
             out = dense_attention(q, k, v, self.backend).reshape(b, -1, width)
         else:
