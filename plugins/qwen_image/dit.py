@@ -292,11 +292,22 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
 
 
 def _residual(
-    x: Tensor, update: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+    x: Tensor, update: Tensor | list[Tensor], gate: Tensor, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """`x + gate * update`, and its `_modulate`."""
-    x = torch.addcmul(x, gate, update)
+    """`x + gate * update`, and its `_modulate`; `update` may come in pieces along the batch."""
+    x = torch.addcmul(x, gate, update if isinstance(update, Tensor) else torch.cat(update))
     return x, _modulate(x, shift, scale, eps)
+
+
+def _sigma_on(sigma: Tensor, device: torch.device) -> Tensor:
+    """`sigma` on `device`. From the CPU, a single value is written by a fill kernel rather than copied: a copy from
+    pageable memory waits for the GPU's queued work, which would cost a sampling loop one stall per step."""
+    if sigma.device == device or sigma.device.type != "cpu":
+        return sigma.to(device)
+    values = set(sigma.reshape(-1).tolist())
+    if len(values) == 1:
+        return torch.full(sigma.shape, values.pop(), dtype=sigma.dtype, device=device)
+    return sigma.to(device)
 
 
 def _version(tensor: Tensor) -> int | None:
@@ -442,7 +453,8 @@ class _JointAttention(nn.Module):
         txt_freqs: Tensor | tuple[Tensor, ...],
         mask: Tensor | None,
         text_out: bool,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor | list[Tensor], Tensor | None]:
+        """(image output, text output or None); a right-padded batch's image output comes per sample, as a list."""
         b, _, width = img.shape
         heads = (b, -1, width // self.head_dim, self.head_dim)
 
@@ -491,7 +503,7 @@ class _JointAttention(nn.Module):
         txt_freqs: tuple[Tensor, ...],
         text_out: bool,
         heads: tuple[int, ...],
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[list[Tensor], Tensor | None]:
         """A right-padded batch: projections over the whole batch, dense attention per sample on its real text.
 
         Sample i's real text length is `txt_freqs[i].shape[0]` (a tensor size, so compiled blocks see it as a dynamic
@@ -518,7 +530,8 @@ class _JointAttention(nn.Module):
             # Row slices of one sample's output are contiguous: the projections read them in place.
             img_outs.append(self.to_out[0](out[:, n:]))
             txt_outs.append(F.pad(self.to_add_out(out[:, :n]), (0, 0, 0, n_txt - n)))
-        return torch.cat(img_outs), torch.cat(txt_outs) if txt_outs else None
+        # The image outputs stay in pieces: the block's residual update reads them where they are.
+        return img_outs, torch.cat(txt_outs) if txt_outs else None
 
     def _attention(
         self,
@@ -853,7 +866,8 @@ class QwenImageDiT(nn.Module):
 
         Args:
             latents: (B, C, H, W) spatial latents, any float dtype.
-            sigma: (B,) noise levels in [0, 1] (a scalar or 1-element tensor is broadcast).
+            sigma: (B,) noise levels in [0, 1] (a scalar or 1-element tensor is broadcast), on any device; on the
+                CPU, a sampling loop's host-side work reads it without waiting for the GPU.
             text: (B, L, text_dim) text-encoder hidden states.
             text_mask: (B, L) bool, True = real token; None means all real. Padding is masked out as keys.
             text_positions: (L,) integer RoPE positions of the text tokens, overriding max(h//2, w//2) + j.
@@ -866,8 +880,10 @@ class QwenImageDiT(nn.Module):
         scope = self._sampling
         if scope is None or torch.is_grad_enabled():
             return self._forward(latents, sigma, text, text_mask, text_positions, attention_mask, None)
-        sigma = torch.as_tensor(sigma, device=latents.device)
+        sigma = torch.as_tensor(sigma)
+        # Before it moves: a CPU sigma (as the pipeline passes it) is read without waiting for the GPU.
         index = scope.tables.row(sigma.reshape(-1)) if self.modulation_tables and not self._blocks_hooked() else None
+        sigma = _sigma_on(sigma, latents.device)
         row = None if index is None else torch.full((1,), index, dtype=torch.long, device=latents.device)
         if scope.graphs is None or not self._graphable(latents, text, text_mask, text_positions, attention_mask):
             return self._forward(latents, sigma, text, text_mask, text_positions, attention_mask, row)
@@ -901,7 +917,7 @@ class QwenImageDiT(nn.Module):
         if text.ndim != 3 or text.shape[0] != b or text.shape[2] != p.text_dim:
             raise InputError(f"text must be ({b}, L, {p.text_dim}), got shape {tuple(text.shape)}.")
         n_txt, n_img = text.shape[1], h * w
-        sigma = torch.as_tensor(sigma, device=latents.device)
+        sigma = _sigma_on(torch.as_tensor(sigma), latents.device)
         if sigma.numel() == 1:
             sigma = sigma.reshape(1).expand(b)
         elif sigma.shape != (b,):

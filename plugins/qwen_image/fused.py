@@ -12,6 +12,8 @@ joint [text, image] attention input, one Triton kernel per stream; it rounds onc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -87,27 +89,14 @@ def _modulate_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tenso
     return _modulate_norm_reference(x, shift, scale, eps)
 
 
-def _residual_modulate_norm(
-    x: Tensor, update: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+def _residual_modulate_norm_pieces(
+    x: Tensor, updates: list[Tensor], gate: Tensor, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """`x + gate * update` (the gated residual after attention) and its modulated norm, in one pass on CUDA.
-
-    Args:
-        x: (B, N, D) residual stream.
-        update: (B, N, D) branch output.
-        gate, shift, scale: (B or 1, 1, D) modulation of each sample.
-        eps: LayerNorm epsilon.
-
-    Returns:
-        `(residual, normed)`, both (B, N, D) in `x`'s dtype; `normed` is computed from the rounded `residual`,
-        as the unfused ops do.
-    """
     _check_modulation(x, gate, shift, scale)
-    if update.shape != x.shape:
-        raise ValueError(f"update {tuple(update.shape)} must have the shape of x {tuple(x.shape)}")
-    if _kernel_ready(x) and update.dtype == x.dtype:
-        residual, normed = _launch_modulate_norm(x, update, gate, shift, scale, eps)
+    if _kernel_ready(x) and all(u.dtype == x.dtype for u in updates):
+        residual, normed = _launch_modulate_norm(x, updates, gate, shift, scale, eps)
         return residual, normed
+    update = updates[0] if len(updates) == 1 else torch.cat(updates)
     residual = (x.float() + gate.float() * update.float()).to(x.dtype)
     return residual, _modulate_norm_reference(residual, shift, scale, eps)
 
@@ -116,8 +105,8 @@ def _modulate_norm_shape(x: Tensor, shift: Tensor, scale: Tensor, eps: float) ->
     return torch.empty_like(x)
 
 
-def _residual_modulate_norm_shape(
-    x: Tensor, update: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+def _residual_modulate_norm_pieces_shape(
+    x: Tensor, updates: list[Tensor], gate: Tensor, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), torch.empty_like(x)
 
@@ -182,10 +171,35 @@ except ImportError:  # CPU-only installs: the reference path serves
 
 modulate_norm = torch.library.custom_op("imagezoo::modulate_norm", mutates_args=())(_modulate_norm)
 modulate_norm.register_fake(_modulate_norm_shape)
-residual_modulate_norm = torch.library.custom_op("imagezoo::residual_modulate_norm", mutates_args=())(
-    _residual_modulate_norm
+_residual_modulate_norm_op = torch.library.custom_op("imagezoo::residual_modulate_norm", mutates_args=())(
+    _residual_modulate_norm_pieces
 )
-residual_modulate_norm.register_fake(_residual_modulate_norm_shape)
+_residual_modulate_norm_op.register_fake(_residual_modulate_norm_pieces_shape)
+
+
+def residual_modulate_norm(
+    x: Tensor, update: Tensor | Sequence[Tensor], gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """`x + gate * update` (the gated residual after attention) and its modulated norm, in one pass on CUDA.
+
+    Args:
+        x: (B, N, D) residual stream.
+        update: (B, N, D) branch output, or pieces of it along the batch ((b_i, N, D) each, summing to B): attention
+            run per sample gives its outputs this way, and the op reads them where they are instead of after a copy
+            joining them.
+        gate, shift, scale: (B or 1, 1, D) modulation of each sample.
+        eps: LayerNorm epsilon.
+
+    Returns:
+        `(residual, normed)`, both (B, N, D) in `x`'s dtype; `normed` is computed from the rounded `residual`,
+        as the unfused ops do.
+    """
+    updates = [update] if isinstance(update, Tensor) else list(update)
+    shapes = [tuple(u.shape) for u in updates]
+    if not updates or any(s[1:] != x.shape[1:] for s in shapes) or sum(s[0] for s in shapes) != x.shape[0]:
+        what = shapes[0] if isinstance(update, Tensor) else f"pieces {shapes}"
+        raise ValueError(f"update {what} must have the shape of x {tuple(x.shape)}, or be its pieces along the batch")
+    return _residual_modulate_norm_op(x, updates, gate, shift, scale, eps)
 
 
 def _kernel_ready(x: Tensor) -> bool:
@@ -320,7 +334,7 @@ if _TRITON:
 
 
 def _launch_modulate_norm(
-    x: Tensor, update: Tensor | None, gate: Tensor | None, shift: Tensor, scale: Tensor, eps: float
+    x: Tensor, updates: list[Tensor] | None, gate: Tensor | None, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor | None, Tensor]:
     b, tokens, width = x.shape
 
@@ -328,26 +342,37 @@ def _launch_modulate_norm(
         return vector.reshape(vector.shape[0], width).to(x.dtype).contiguous()
 
     shift, scale = rows(shift), rows(scale)
+    gate = shift if gate is None else rows(gate)
     x = x.contiguous()
     out = torch.empty_like(x)
-    residual = torch.empty_like(x) if update is not None else None
+    residual = torch.empty_like(x) if updates is not None else None
     block = triton.next_power_of_2(width)
-    _modulate_norm_kernel[(b * tokens,)](
-        x,
-        x if update is None else update.contiguous(),
-        shift if gate is None else rows(gate),
-        shift,
-        scale,
-        out if residual is None else residual,
-        out,
-        tokens,
-        width if shift.shape[0] > 1 else 0,
-        width,
-        eps,
-        RESIDUAL=update is not None,
-        BLOCK=block,
-        num_warps=max(1, min(8, block // 256)),
-    )
+    start = 0
+    # One launch per piece of the update, on the matching batch rows of everything else.
+    for update in updates or [None]:
+        stop = b if update is None else start + update.shape[0]
+        here = slice(start, stop)
+
+        def mine(vector: Tensor, here: slice = here) -> Tensor:
+            return vector[here] if vector.shape[0] > 1 else vector
+
+        _modulate_norm_kernel[((stop - start) * tokens,)](
+            x[here],
+            x[here] if update is None else update.contiguous(),
+            mine(gate),
+            mine(shift),
+            mine(scale),
+            out[here] if residual is None else residual[here],
+            out[here],
+            tokens,
+            width if shift.shape[0] > 1 else 0,
+            width,
+            eps,
+            RESIDUAL=update is not None,
+            BLOCK=block,
+            num_warps=max(1, min(8, block // 256)),
+        )
+        start = stop
     return residual, out
 
 

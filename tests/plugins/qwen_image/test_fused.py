@@ -123,6 +123,12 @@ def test_modulate_norm_ops_equal_the_block_ops(mod_batch) -> None:
     ref_residual, ref_normed = _residual(x, update, gate, shift, scale, 1e-6)
     assert (residual - ref_residual).abs().max().item() <= TOL
     assert (normed - ref_normed).abs().max().item() <= TOL
+    # Per-sample pieces of the update (as attention run per sample gives them), in the op and in the block's path.
+    pieces = list(update.split(1))
+    got_fused = fused.residual_modulate_norm(x, pieces, gate, shift, scale, 1e-6)
+    got_block = _residual(x, pieces, gate, shift, scale, 1e-6)
+    for got, ref in zip(got_fused + got_block, (residual, normed, ref_residual, ref_normed), strict=True):
+        assert torch.equal(got, ref)
 
 
 def test_modulate_norm_rejects_mismatched_shapes() -> None:
@@ -131,6 +137,9 @@ def test_modulate_norm_rejects_mismatched_shapes() -> None:
         fused.modulate_norm(x, shift[..., :12], scale, 1e-6)
     with pytest.raises(ValueError, match=r"update \(2, 6, 24\)"):
         fused.residual_modulate_norm(x, update[:, :6], gate, shift, scale, 1e-6)
+    # Pieces that cover one of the two samples.
+    with pytest.raises(ValueError, match=r"update pieces \[\(1, 7, 24\)\].*\(2, 7, 24\)"):
+        fused.residual_modulate_norm(x, [update[:1]], gate, shift, scale, 1e-6)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs on CPU)")
@@ -147,9 +156,12 @@ def test_modulate_norm_triton_kernel_interpreted() -> None:
             ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(dtype, 1e-6)  # one rounding to the dtype
             ref_residual = (x.float() + gate.float() * update.float()).to(dtype).float()
             plain = fused._modulate_norm_reference(x, shift, scale, 1e-6).float()
-            residual, normed = fused._launch_modulate_norm(x, update, gate, shift, scale, 1e-6)
+            residual, normed = fused._launch_modulate_norm(x, [update], gate, shift, scale, 1e-6)
             _, alone = fused._launch_modulate_norm(x, None, None, shift, scale, 1e-6)
             assert residual.dtype == normed.dtype == alone.dtype == dtype
+            # The update in per-sample pieces (one launch each) gives the same rows as in one piece.
+            pieces = fused._launch_modulate_norm(x, list(update.split(1)), gate, shift, scale, 1e-6)
+            assert all(torch.equal(a, b) for a, b in zip(pieces, (residual, normed)))
             # The interpreter rounds to bf16 its own way (the GPU: to nearest), so the residual is checked to one ulp
             # and the norm against the reference applied to the kernel's own residual.
             ref_normed = fused._modulate_norm_reference(residual, shift, scale, 1e-6).float()
