@@ -1036,11 +1036,15 @@ def section_pipeline(
                     **pipeline_stages(pipe, functools.partial(ours, size, args.steps), device),
                 )
             apply_variant(dit, {})
-        if size == args.pipeline_sizes[0] and not args.explore:  # what the graph and the fused norms add
+        if size == args.pipeline_sizes[0] and not args.explore:  # what the graph, fused norms and host sigmas add
             for label in ("exact-graph", "exact-norm"):
                 apply_variant(dit, EXPLORE_VARIANTS[label])
                 run("imagezoo", label, size, ours)
             apply_variant(dit, {})
+            # Each step's sigma made on the GPU: the DiT then reads it back to find its modulation row, and waits.
+            pipe._sigma_tensor = lambda n, sigma, where: torch.full((n,), sigma, device=where, dtype=pipe.dtype)
+            run("imagezoo", "exact-gpu-sigma", size, ours)
+            del pipe._sigma_tensor
         if ref_pipe is not None and "diffusers" in args.pipeline_variants:
             run("diffusers", "diffusers", size, theirs)
         for threshold in args.cache_thresholds if "cache" in args.pipeline_variants else ():

@@ -53,7 +53,8 @@ class Denoiser(Protocol):
     # Optional: `sampling(sigmas: Sequence[float]) -> ContextManager`. When a denoiser has it, `Pipeline` runs its
     # denoising loop inside `denoiser.sampling(sigmas)` (the sigma of each step, in order), promising that the model
     # does not change until the loop ends, so the denoiser may prepare per-loop work (Qwen-Image: modulation tables,
-    # CUDA graphs).
+    # CUDA graphs). Such a denoiser gets each step's sigma as a CPU tensor, and places it itself: reading a GPU value
+    # on the host would wait for every queued kernel.
 
 
 @runtime_checkable

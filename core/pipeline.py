@@ -461,6 +461,12 @@ class Pipeline(LoraMixin):
             "overflows past 65504); use torch.bfloat16 or torch.float32, or check LoRA scales and inputs."
         )
 
+    def _sigma_tensor(self, batch: int, sigma: float, device: torch.device) -> torch.Tensor:
+        # A denoiser with `sampling` takes sigma on the CPU (see Denoiser): its per-step host work, such as finding
+        # the step's row in a table, then reads the value without waiting for the GPU to finish the queued steps.
+        where = "cpu" if callable(getattr(self.denoiser, "sampling", None)) else device
+        return torch.full((batch,), sigma, device=where, dtype=self.dtype)
+
     def predict_velocity(
         self,
         latents: torch.Tensor,
@@ -481,7 +487,7 @@ class Pipeline(LoraMixin):
         x = latents.to(self.dtype)
         if uncond is not None and (cond.extras or uncond.extras):
             # Extras (e.g. attention masks) are laid out for their own text sequence: run the two passes apart.
-            sigmas = torch.full((batch,), sigma, device=x.device, dtype=self.dtype)
+            sigmas = self._sigma_tensor(batch, sigma, x.device)
             positive = self.denoiser(x, sigmas, cond).float()
             negative = self.denoiser(x, sigmas, uncond).float()
             return guide(positive, negative, cfg_scale, rescale=cfg_rescale, patch_size=self.denoiser.patch_size)
@@ -490,7 +496,7 @@ class Pipeline(LoraMixin):
         else:
             text = batched if batched is not None else _pad_text([cond, uncond])
             x_in = torch.cat([x, x])
-        sigmas = torch.full((x_in.shape[0],), sigma, device=x.device, dtype=self.dtype)
+        sigmas = self._sigma_tensor(x_in.shape[0], sigma, x.device)
         velocity = self.denoiser(x_in, sigmas, text).float()
         if uncond is None:
             return velocity

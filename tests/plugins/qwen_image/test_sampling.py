@@ -125,3 +125,48 @@ def test_cuda_graph_replays_the_forward(seeded_dit) -> None:
     single_ref = _loop(dit, latents[:1], text[:1], None, sigmas[:3], torch.bfloat16)
     for out, ref in zip(got + single, expected + single_ref, strict=True):
         assert torch.equal(out, ref)  # the same kernels on the same inputs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_replayed_steps_with_host_sigmas_never_wait_for_the_gpu(seeded_dit) -> None:
+    dit = seeded_dit(PARAMS).to("cuda", torch.bfloat16)
+    latents, text, mask = _cfg_batch("cuda", torch.bfloat16)
+    dit.enable_speed("off", cuda_graph=True)
+    with dit.sampling(SIGMAS):
+        expected = _loop(dit, latents, text, mask, SIGMAS, torch.bfloat16)
+    with dit.sampling(SIGMAS):
+        got = []
+        for step, sigma in enumerate(SIGMAS):
+            # As the pipeline passes it: on the CPU. From the third step (replays), any host read of a GPU value
+            # (which waits for the queued kernels) raises.
+            torch.cuda.set_sync_debug_mode("error" if step >= 2 else "default")
+            try:
+                got.append(dit(latents, torch.full((2,), sigma, dtype=torch.bfloat16), text, mask))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert dit._sampling.graphs.replays == len(SIGMAS) - 2
+    for out, ref in zip(got, expected, strict=True):
+        assert torch.equal(out, ref)
+
+
+def test_sigma_placement_keeps_shape_and_dtype(dit) -> None:
+    from imagezoo.plugins.qwen_image.dit import _sigma_on
+
+    meta = torch.device("meta")  # stands in for a GPU: the CPU test can still see which path placed the tensor
+    uniform = _sigma_on(torch.full((2,), 0.5, dtype=torch.bfloat16), meta)
+    assert (uniform.device, uniform.shape, uniform.dtype) == (meta, (2,), torch.bfloat16)
+    mixed = _sigma_on(torch.tensor([1.0, 0.8]), meta)
+    assert (mixed.device, mixed.shape) == (meta, (2,))
+    on_cpu = torch.tensor([0.3])
+    assert _sigma_on(on_cpu, torch.device("cpu")) is on_cpu
+
+
+def test_pipeline_gives_sampling_denoisers_host_sigmas(models_dir) -> None:
+    import imagezoo
+
+    pipe = imagezoo.load("tiny", device="cpu", torch_dtype=torch.float32, local_model_path=models_dir)
+    meta = torch.device("meta")
+    assert pipe._sigma_tensor(2, 0.5, meta).device.type == "cpu"  # the Qwen denoiser has `sampling`
+    pipe.denoiser.sampling = None  # a denoiser without it gets sigma where the latents are
+    assert pipe._sigma_tensor(2, 0.5, meta).device == meta
