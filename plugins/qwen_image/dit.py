@@ -25,6 +25,7 @@ from imagezoo.plugins.qwen_image.attention import check_backend, dense_attention
 from imagezoo.plugins.qwen_image.fused import (
     is_plain_linear,
     joint_qk_norm_rope,
+    linear_after,
     linear_gelu_tanh,
     modulate_norm,
     residual_modulate_norm,
@@ -474,7 +475,7 @@ class _JointAttention(nn.Module):
             else:
                 q = qk(img, self.to_q, self.norm_q, img_freqs)
             k = joint(self.add_k_proj, self.to_k, self.norm_added_k, self.norm_k)
-            v = torch.cat([self.add_v_proj(txt).view(heads), self.to_v(img).view(heads)], 1)
+            v = self._joint_v(self.add_v_proj(txt), img).view(heads)
             out = dense_attention(q, k, v, self.backend).reshape(b, -1, width)
         else:
             out = self._attention(img, txt, img_freqs, txt_freqs, mask, text_out, qk, heads).reshape(b, -1, width)
@@ -495,6 +496,17 @@ class _JointAttention(nn.Module):
             return joint_qk_norm_rope(txt, img, txt_norm.weight, img_norm.weight, txt_freqs, img_freqs, img_norm.eps)
         return torch.cat([_apply_rope(txt_norm(txt), txt_freqs), _apply_rope(img_norm(img), img_freqs)], 1)
 
+    def _joint_v(self, txt_v: Tensor, img: Tensor) -> Tensor:
+        """Joint values [txt_v, to_v(img)] along the tokens, (B, L + S, width), from projected text values (B, L,
+        width) and image tokens (B, S, width).
+
+        With `fused_qk` (a speed option), `fused.linear_after` writes the image values into their place instead of
+        joining the projections afterwards; a `to_v` with hooks or a replaced forward (LoRA, FP8) is called as usual.
+        """
+        if self.fused_qk and is_plain_linear(self.to_v) and self.to_v.bias is not None:
+            return linear_after(txt_v, img, self.to_v.weight, self.to_v.bias)
+        return torch.cat([txt_v, self.to_v(img)], 1)
+
     def _attention_per_sample(
         self,
         img: Tensor,
@@ -507,19 +519,20 @@ class _JointAttention(nn.Module):
         """A right-padded batch: projections over the whole batch, dense attention per sample on its real text.
 
         Sample i's real text length is `txt_freqs[i].shape[0]` (a tensor size, so compiled blocks see it as a dynamic
-        size rather than a constant). Padded text rows get a zero attention output.
+        size rather than a constant). Padded text rows get the text output projection of zero (its bias): nothing
+        attends to them, so they never reach the image.
         """
         width = img.shape[-1]
-        img_q, img_k, img_v = (proj(img).view(heads) for proj in (self.to_q, self.to_k, self.to_v))
+        img_q, img_k = (proj(img).view(heads) for proj in (self.to_q, self.to_k))
         txt_q = self.add_q_proj(txt).view(heads) if text_out else None
-        txt_k, txt_v = self.add_k_proj(txt).view(heads), self.add_v_proj(txt).view(heads)
+        txt_k, txt_v = self.add_k_proj(txt).view(heads), self.add_v_proj(txt)
         n_txt = txt.shape[1]
         img_outs, txt_outs = [], []
         for i, freqs in enumerate(txt_freqs):
             n = freqs.shape[0]
             sample = slice(i, i + 1)
             k = self._joint_qk(txt_k[sample, :n], img_k[sample], self.norm_added_k, self.norm_k, freqs, img_freqs)
-            v = torch.cat([txt_v[sample, :n], img_v[sample]], 1)
+            v = self._joint_v(txt_v[sample, :n], img[sample]).view(1, -1, *heads[2:])
             if txt_q is None:
                 q = _apply_rope(self.norm_q(img_q[sample]), img_freqs)
                 out = dense_attention(q, k, v, self.backend).reshape(1, -1, width)
@@ -527,11 +540,12 @@ class _JointAttention(nn.Module):
                 continue
             q = self._joint_qk(txt_q[sample, :n], img_q[sample], self.norm_added_q, self.norm_q, freqs, img_freqs)
             out = dense_attention(q, k, v, self.backend).reshape(1, -1, width)
-            # Row slices of one sample's output are contiguous: the projections read them in place.
+            # Row slices of one sample's output are contiguous: the projection reads them in place.
             img_outs.append(self.to_out[0](out[:, n:]))
-            txt_outs.append(F.pad(self.to_add_out(out[:, :n]), (0, 0, 0, n_txt - n)))
-        # The image outputs stay in pieces: the block's residual update reads them where they are.
-        return img_outs, torch.cat(txt_outs) if txt_outs else None
+            txt_outs.append(F.pad(out[:, :n], (0, 0, 0, n_txt - n)))
+        # The image outputs stay in pieces: the block's residual update reads them where they are. The text output
+        # projection runs once for the batch: it is weight-bound at these row counts, so once costs half of twice.
+        return img_outs, self.to_add_out(torch.cat(txt_outs)) if txt_outs else None
 
     def _attention(
         self,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from imagezoo.plugins.qwen_image import fused
 from imagezoo.plugins.qwen_image.dit import DiTParams, _apply_rope, _modulate, _residual, _RMSNorm
@@ -75,6 +76,18 @@ def test_joint_qk_norm_rope_triton_kernel_interpreted() -> None:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split()[-1]) <= 1e-6
+
+
+def test_linear_after_equals_projecting_then_joining() -> None:
+    gen = torch.Generator().manual_seed(3)
+    text_values = torch.randn(2, 9, 12, generator=gen)
+    x, weight, bias = torch.randn(2, 5, 8, generator=gen), torch.randn(12, 8, generator=gen), torch.randn(12)
+    head = text_values[1:, :4]  # one sample's real text rows: a view, as the per-sample attention passes them
+    for rows, inputs in ((text_values, x), (head, x[1:])):
+        got = fused.linear_after(rows, inputs, weight, bias)
+        expected = torch.cat([rows, F.linear(inputs, weight, bias)], 1)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
 
 
 def _dit_outputs(dit, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
