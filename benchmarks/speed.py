@@ -845,6 +845,7 @@ def _profile_steps(
             scope = dit._sampling
             if scope is not None and scope.graphs is not None:
                 graphs.update(captures=scope.graphs.captures, replays=scope.graphs.replays)
+                graphs["record_ms"] = round(scope.graphs.record_s * 1000, 1)
 
     generate(on_step)
     stats = kernel_stats(prof.events(), (window[1] - window[0]) * 1e6)

@@ -16,6 +16,7 @@ ends. Two things then pay:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,7 @@ class ForwardGraphs:
         self._graphs: dict[tuple[Any, ...], _Captured] = {}
         self.captures = 0
         self.replays = 0
+        self.record_s = 0.0  # host seconds spent recording graphs
 
     def __call__(self, key: tuple[Any, ...], run: Callable[..., Tensor], inputs: Sequence[Tensor]) -> Tensor:
         """`run(*inputs)`, from a graph when this layout was seen before.
@@ -131,6 +133,7 @@ class ForwardGraphs:
         The recording depends on nothing queued: it reads only its own input copies, whose values are set before
         each replay on the stream that replays it.
         """
+        start = time.perf_counter()
         static = tuple(t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(torch.cuda.Stream(static[0].device)):
@@ -140,7 +143,9 @@ class ForwardGraphs:
             finally:
                 graph.capture_end()
         self.captures += 1
-        logger.debug("Captured a CUDA graph of the DiT forward (%d so far)", self.captures)
+        seconds = time.perf_counter() - start
+        self.record_s += seconds
+        logger.debug("Recorded a CUDA graph of the DiT forward in %.3f s (%d so far)", seconds, self.captures)
         return _Captured(graph, static, output)
 
 
