@@ -516,36 +516,39 @@ class _JointAttention(nn.Module):
         text_out: bool,
         heads: tuple[int, ...],
     ) -> tuple[list[Tensor], Tensor | None]:
-        """A right-padded batch: projections over the whole batch, dense attention per sample on its real text.
+        """Prompts of different lengths: projections over the whole batch, dense attention per sample on its text.
 
-        Sample i's real text length is `txt_freqs[i].shape[0]` (a tensor size, so compiled blocks see it as a dynamic
-        size rather than a constant). Padded text rows get the text output projection of zero (its bias): nothing
-        attends to them, so they never reach the image.
+        `txt` holds the samples' real text tokens packed, (T, 1, width); sample i's length is `txt_freqs[i].shape[0]`
+        (a tensor size, so compiled blocks see it as a dynamic size rather than a constant). The text output comes
+        packed the same way.
         """
         width = img.shape[-1]
+        one = (1, -1, *heads[2:])
         img_q, img_k = (proj(img).view(heads) for proj in (self.to_q, self.to_k))
-        txt_q = self.add_q_proj(txt).view(heads) if text_out else None
-        txt_k, txt_v = self.add_k_proj(txt).view(heads), self.add_v_proj(txt)
-        n_txt = txt.shape[1]
+        n_all = txt.shape[0]
+        txt_q = self.add_q_proj(txt).view(one) if text_out else None
+        txt_k, txt_v = self.add_k_proj(txt).view(one), self.add_v_proj(txt).view(1, n_all, width)
         img_outs, txt_outs = [], []
+        start = 0
         for i, freqs in enumerate(txt_freqs):
-            n = freqs.shape[0]
+            mine, start = slice(start, start + freqs.shape[0]), start + freqs.shape[0]
             sample = slice(i, i + 1)
-            k = self._joint_qk(txt_k[sample, :n], img_k[sample], self.norm_added_k, self.norm_k, freqs, img_freqs)
-            v = self._joint_v(txt_v[sample, :n], img[sample]).view(1, -1, *heads[2:])
+            k = self._joint_qk(txt_k[:, mine], img_k[sample], self.norm_added_k, self.norm_k, freqs, img_freqs)
+            v = self._joint_v(txt_v[:, mine], img[sample]).view(one)
             if txt_q is None:
                 q = _apply_rope(self.norm_q(img_q[sample]), img_freqs)
                 out = dense_attention(q, k, v, self.backend).reshape(1, -1, width)
                 img_outs.append(self.to_out[0](out))
                 continue
-            q = self._joint_qk(txt_q[sample, :n], img_q[sample], self.norm_added_q, self.norm_q, freqs, img_freqs)
+            q = self._joint_qk(txt_q[:, mine], img_q[sample], self.norm_added_q, self.norm_q, freqs, img_freqs)
             out = dense_attention(q, k, v, self.backend).reshape(1, -1, width)
+            n = freqs.shape[0]
             # Row slices of one sample's output are contiguous: the projection reads them in place.
             img_outs.append(self.to_out[0](out[:, n:]))
-            txt_outs.append(F.pad(out[:, :n], (0, 0, 0, n_txt - n)))
+            txt_outs.append(out[:, :n])
         # The image outputs stay in pieces: the block's residual update reads them where they are. The text output
-        # projection runs once for the batch: it is weight-bound at these row counts, so once costs half of twice.
-        return img_outs, self.to_add_out(torch.cat(txt_outs)) if txt_outs else None
+        # projection runs once on the packed rows: it is weight-bound at these row counts, so once costs half of twice.
+        return img_outs, self.to_add_out(torch.cat(txt_outs, 1)).view(n_all, 1, width) if txt_outs else None
 
     def _attention(
         self,
@@ -606,12 +609,13 @@ class QwenImageBlock(nn.Module):
 
         Args:
             img: (B, S, width) image tokens.
-            txt: (B, L, width) text tokens.
+            txt: (B, L, width) text tokens; or, with per-sample `txt_freqs`, the samples' real text tokens packed
+                one after another, (T, 1, width) with T the sum of their lengths.
             temb_act: (B, width) SiLU of the timestep embedding.
             img_freqs: (S, head_dim/2, 2) float32 RoPE rotations [cos, sin] of the image tokens.
             txt_freqs: (L, head_dim/2, 2) float32 RoPE rotations [cos, sin] of the text tokens; or one tensor per
-                sample of its real text tokens' rotations, for a right-padded batch (attention then runs per sample
-                on those tokens, unmasked, and padded text rows get no attention output).
+                sample of its real text tokens' rotations, for a batch of prompts of different lengths (`txt` then
+                comes packed, and attention runs per sample on its own tokens, unmasked).
             mask: Boolean mask over the joint [text, image] keys, (B, 1, 1, L+S) key padding or
                 (B, 1|heads, L+S, L+S) full, or None.
             text_out: Whether the text stream's output is needed (skips text queries, output projection and MLP).
@@ -620,6 +624,8 @@ class QwenImageBlock(nn.Module):
         """
         eps = self.eps
         img_mod, txt_mod = (self.img_mod[1](temb_act), self.txt_mod[1](temb_act)) if modulation is None else modulation
+        if isinstance(txt_freqs, tuple) and txt_mod.shape[0] > 1:  # packed text: each token takes its sample's row
+            txt_mod = torch.cat([txt_mod[i : i + 1].expand(f.shape[0], -1) for i, f in enumerate(txt_freqs)])
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod[:, None].chunk(6, -1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod[:, None].chunk(6, -1)
 
@@ -991,7 +997,7 @@ class QwenImageDiT(nn.Module):
         `mask` may also be per-sample text lengths (from `_joint_mask`, right padding or none): each sample then
         attends on its own real text tokens, unmasked, and its padded text rows come back unchanged. By default the
         batch stays whole around the attention (`share_padded_linears`: every weight is read once for the batch, the
-        projections run as one GEMM). Under `split_batches`, or with an attention hook installed, each sample runs
+        projections run as one GEMM, the text stream on the real tokens only, packed). Under `split_batches`, or with an attention hook installed, each sample runs
         alone instead, block by block, every sample through a block before the next one, so a streamed block is
         loaded once for the batch. The model's last block skips its text output (it feeds nothing), so after it the
         text stream is stale.
@@ -1067,14 +1073,16 @@ class QwenImageDiT(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         # Fresh tensors, not views of one cached tensor: compiled blocks would guard on how the inputs alias.
         sample_freqs = tuple(txt_freqs[:n].clone() for n in lengths)
-        out_img, out_txt = img, txt
+        # The text stream runs packed, real tokens only: padding rows would cost every text GEMM their share (at long
+        # prompts with a short negative prompt, nearly half its rows).
+        out_img, out_txt = img, torch.cat([txt[i, :n] for i, n in enumerate(lengths)])[:, None]
         for block in range(start, stop):
             out_img, out_txt = self._run_block(block, out_img, out_txt, temb_act, img_freqs, sample_freqs, None)
         self.block_evaluations += max(stop - start, 0)
-        # Built on the device from Python ints: a host-to-device copy from pageable memory would wait for the queue.
-        positions = torch.arange(txt.shape[1], device=txt.device)
-        real = torch.stack([positions < n for n in lengths])
-        return out_img, torch.where(real[:, :, None], out_txt, txt)
+        pieces = out_txt[:, 0].split(lengths)  # back to (B, L, width), padding rows as they came
+        return out_img, torch.stack(
+            [torch.cat([piece, txt[i, n:]]) for i, (piece, n) in enumerate(zip(pieces, lengths, strict=True))]
+        )
 
     def _run_blocks_per_sample(
         self,
