@@ -9,6 +9,8 @@ import importlib
 import importlib.metadata
 import json
 import platform
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write a results file, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def rerun_command(script: str, argv: Sequence[str]) -> str:
+    """`python <script> <argv>` minus `--out PATH`: where a run wrote its JSON is not part of what it measured."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return shlex.join(["python", script, *kept])

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from report import versions, write_json
+from report import rerun_command, versions, write_json
 
 from imagezoo.interfaces import Components
 from imagezoo.plugins.qwen_image import fused, speed
@@ -1090,19 +1089,6 @@ def section_pipeline(
 # Main
 
 
-def _without_out(argv: list[str]) -> list[str]:
-    """The arguments minus `--out PATH` (where a run wrote its JSON is not part of what it measured)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--out":
-            skip = True
-        elif not arg.startswith("--out="):
-            out.append(arg)
-    return out
-
-
 def guarded(rec: Recorder, name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Run a side section; a failure becomes an error row instead of ending the run."""
     try:
@@ -1125,9 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": gpu,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "versions": versions("imagezoo", "diffusers", "transformers", "triton"),
-        "command": shlex.join(
-            ["python", "benchmarks/speed.py", *_without_out(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": rerun_command("benchmarks/speed.py", argv if argv is not None else sys.argv[1:]),
         "total_s": None,  # None until the run ends: a run stopped midway keeps the rows it measured
         "rows": [],
     }
