@@ -997,10 +997,10 @@ class QwenImageDiT(nn.Module):
         `mask` may also be per-sample text lengths (from `_joint_mask`, right padding or none): each sample then
         attends on its own real text tokens, unmasked, and its padded text rows come back unchanged. By default the
         batch stays whole around the attention (`share_padded_linears`: every weight is read once for the batch, the
-        projections run as one GEMM, the text stream on the real tokens only, packed). Under `split_batches`, or with an attention hook installed, each sample runs
-        alone instead, block by block, every sample through a block before the next one, so a streamed block is
-        loaded once for the batch. The model's last block skips its text output (it feeds nothing), so after it the
-        text stream is stale.
+        projections run as one GEMM, the text stream on the real tokens only, packed). Under `split_batches`, or with
+        an attention hook installed, each sample runs alone instead, block by block, every sample through a block
+        before the next one, so a streamed block is loaded once for the batch. The model's last block skips its text
+        output (it feeds nothing), so after it the text stream is stale.
         """
         if isinstance(mask, tuple):
             hooked = any(block.attn.attention_fn is not None for block in self.transformer_blocks[start:stop])

@@ -6,8 +6,14 @@ GEMM and then read and rewritten by a GELU kernel. It is a custom op so that ind
 decomposing it back into a GEMM and a pointwise kernel. The epilogue applies GELU to the float32 accumulator before
 rounding to bf16, so it differs from the unfused path by float rounding only.
 
+`linear_after` has the image V projection's GEMM write straight into the joint [text, image] values, instead of a
+copy joining the projected streams.
+
 `joint_qk_norm_rope` normalizes and rotates the q (or k) heads of both streams and writes them straight into the
 joint [text, image] attention input, one Triton kernel per stream; it rounds once where the unfused path rounds twice.
+
+`modulate_norm` and `residual_modulate_norm` are the blocks' modulated LayerNorms (the second with the gated residual
+update before it) in one pass over each row, one Triton kernel.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Exact options (same function, float rounding aside):
   Sequence lengths are dynamic from the first compile, so new resolutions and prompt lengths reuse the graph;
   `CompileCounter` counts every graph compiled, so a benchmark can show that nothing recompiles after warm-up;
 - the MLP up-projection with its GELU in the GEMM epilogue (`fused.linear_gelu_tanh`);
-- q/k RMSNorm + RoPE of both streams written straight into the joint attention input (`fused.joint_qk_norm_rope`);
+- q/k RMSNorm + RoPE of both streams written straight into the joint attention input (`fused.joint_qk_norm_rope`),
+  and the image values written by their projection into the joint values (`fused.linear_after`);
 - each block's modulated LayerNorms, the second with the gated residual before it, in one pass
   (`fused.modulate_norm`, `fused.residual_modulate_norm`);
 - CUDA graphs of the forward inside a sampling loop (`cuda_graph`, `sampling.py`): recorded at the second step,
@@ -90,7 +91,8 @@ class SpeedConfig:
         fused_gelu: Run the MLP up-projections with bias and GELU in the GEMM epilogue (`fused.linear_gelu_tanh`;
             inference only, layers with LoRA/FP8 hooks keep the plain path).
         fused_qk: Normalize and rotate q/k of both streams straight into the joint attention input
-            (`fused.joint_qk_norm_rope`, Triton on CUDA) instead of per stream, then copied.
+            (`fused.joint_qk_norm_rope`, Triton on CUDA), and have the image V projection write into the joint
+            values (`fused.linear_after`), instead of per stream, then copied.
         fused_norm: Run each block's modulated LayerNorms, the one after attention together with the gated residual
             update before it, as one-pass ops (`fused.modulate_norm`, `fused.residual_modulate_norm`; Triton on
             CUDA) instead of inductor's reductions.
