@@ -531,8 +531,9 @@ class _JointAttention(nn.Module):
         img_outs, txt_outs = [], []
         start = 0
         for i, freqs in enumerate(txt_freqs):
-            mine, start = slice(start, start + freqs.shape[0]), start + freqs.shape[0]
-            sample = slice(i, i + 1)
+            n = freqs.shape[0]
+            mine, sample = slice(start, start + n), slice(i, i + 1)
+            start += n
             k = self._joint_qk(txt_k[:, mine], img_k[sample], self.norm_added_k, self.norm_k, freqs, img_freqs)
             v = self._joint_v(txt_v[:, mine], img[sample]).view(one)
             if txt_q is None:
@@ -542,7 +543,6 @@ class _JointAttention(nn.Module):
                 continue
             q = self._joint_qk(txt_q[:, mine], img_q[sample], self.norm_added_q, self.norm_q, freqs, img_freqs)
             out = dense_attention(q, k, v, self.backend).reshape(1, -1, width)
-            n = freqs.shape[0]
             # Row slices of one sample's output are contiguous: the projection reads them in place.
             img_outs.append(self.to_out[0](out[:, n:]))
             txt_outs.append(out[:, :n])
