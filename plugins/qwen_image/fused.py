@@ -387,19 +387,19 @@ def _launch_modulate_norm(
     # One launch per piece of the update, on the matching batch rows of everything else.
     for update in updates or [None]:
         stop = b if update is None else start + update.shape[0]
-        here = slice(start, stop)
 
-        def mine(vector: Tensor, here: slice = here) -> Tensor:
-            return vector[here] if vector.shape[0] > 1 else vector
+        def mine(tensor: Tensor, start: int = start, stop: int = stop) -> Tensor:
+            # Views only for a piece: the whole batch (the common case) launches on the tensors themselves.
+            return tensor if tensor.shape[0] in (1, stop - start) else tensor[start:stop]
 
         _modulate_norm_kernel[((stop - start) * tokens,)](
-            x[here],
-            x[here] if update is None else update.contiguous(),
+            mine(x),
+            mine(x) if update is None else update.contiguous(),
             mine(gate),
             mine(shift),
             mine(scale),
-            out[here] if residual is None else residual[here],
-            out[here],
+            mine(out) if residual is None else mine(residual),
+            mine(out),
             tokens,
             width if shift.shape[0] > 1 else 0,
             width,
