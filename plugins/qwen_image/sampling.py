@@ -46,7 +46,8 @@ class ModulationTables:
     def row(self, sigma: Tensor) -> int | None:
         """The table row of `sigma` (B,) when all samples share one scheduled value, else None (compute as usual).
 
-        Reads `sigma` on the host: one sync per step, far cheaper than the weight reads it saves.
+        Reads `sigma` on the host: free for a CPU tensor (as the pipeline passes it); a GPU tensor costs a wait for
+        the queued kernels.
         """
         rows = self._rows.get(sigma.dtype)
         if rows is None:
